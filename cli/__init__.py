@@ -1,0 +1,1 @@
+"""The `nmt` command line: a thin Typer layer over the `nmt` library."""

@@ -1,0 +1,43 @@
+"""The `nmt` command: one Typer app, one thin function per subcommand."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from cli.tokenizer import tokenizer
+from nmt import __version__
+
+app = typer.Typer(
+    name="nmt",
+    help="Neural machine translation: tokenizer, prepare, train, translate, eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"nmt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors (or set NMT_DEBUG=1).")] = False,
+) -> None:
+    """Neural machine translation: tokenizer, prepare, train, translate, eval."""
+    if debug:
+        os.environ["NMT_DEBUG"] = "1"
+
+
+app.command(name="tokenizer")(tokenizer)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,116 @@
+"""File helpers shared by every command: strict text reading and atomic writes.
+
+Reading names the file and line of undecodable bytes; writing goes to a
+temporary name in the same directory and is renamed into place, so an
+interrupted run never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from nmt.errors import NmtError
+
+
+def check_readable(path: Path) -> Path:
+    """Fail early, in one line, on a path that is missing, a directory or empty."""
+    path = Path(path)
+    if not path.exists():
+        raise NmtError(f"{path}: no such file")
+    if path.is_dir():
+        raise NmtError(f"{path}: is a directory, expected a file")
+    if path.stat().st_size == 0:
+        raise NmtError(f"{path}: file is empty")
+    return path
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_lines(path: Path, errors: str = "strict") -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or .gz) without their newline.
+
+    With errors="strict", undecodable bytes raise an NmtError naming the line;
+    errors="replace" substitutes U+FFFD instead.
+    """
+    path = check_readable(Path(path))
+    try:
+        with _open_binary(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8", errors=errors)
+                except UnicodeDecodeError as exc:
+                    raise NmtError(
+                        f"{path}: line {number} is not valid UTF-8 (byte {exc.start})"
+                    ) from None
+                yield line.rstrip("\r\n")
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise NmtError(f"{path}: not a valid gzip file ({exc})") from None
+
+
+def count_lines(path: Path) -> int:
+    """Count lines quickly (bytes only), for progress bars and alignment checks."""
+    path = check_readable(Path(path))
+    count = 0
+    with _open_binary(path) as handle:
+        last = b"\n"
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Create `directory` if needed; fail in one line when it cannot be written."""
+    if not directory.exists():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NmtError(f"{directory}: cannot create directory ({exc.strerror})") from None
+    if not directory.is_dir() or not os.access(directory, os.W_OK):
+        raise NmtError(f"{directory}: directory is not writable")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Give a temporary path beside `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Give a temporary directory beside `path`; move it onto `path` only on success."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
+    ensure_writable_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

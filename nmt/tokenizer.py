@@ -1,0 +1,254 @@
+"""SentencePiece training and the `Tokenizer` every other module uses.
+
+The special ids are fixed here, once: every model trained by `nmt tokenizer`
+has <pad>=0, <unk>=1, <s>=2, </s>=3, so models, search and data code can use
+the constants below without asking the tokenizer.
+
+Text is normalised in Python (Unicode NFC or NFKC, whitespace collapsed) and
+SentencePiece is trained with its identity rule, so `decode(encode(s)) == s`
+holds exactly for normalised text; byte fallback keeps unseen characters
+(emoji, rare scripts) instead of mapping them to <unk>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+import time
+import unicodedata
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nmt.errors import NmtError
+from nmt.io import atomic_path, ensure_writable_dir, read_lines
+from nmt.progress import SILENT, Reporter
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+
+NORMALIZATIONS = ("NFC", "NFKC")
+MODEL_TYPES = ("bpe", "unigram")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize(text: str, form: str = "NFC") -> str:
+    """Unicode-normalise and collapse whitespace: the one text normalisation of nmt."""
+    if form not in NORMALIZATIONS:
+        raise NmtError(f"unknown normalisation {form!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return _SPACES.sub(" ", unicodedata.normalize(form, text)).strip()
+
+
+class Tokenizer:
+    """A SentencePiece model plus the text normalisation applied before it."""
+
+    def __init__(self, model_bytes: bytes, normalization: str = "NFC") -> None:
+        if normalization not in NORMALIZATIONS:
+            raise NmtError(f"unknown normalisation {normalization!r}")
+        self.model_bytes = bytes(model_bytes)
+        self.normalization = normalization
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self.model_bytes)
+        except (RuntimeError, OSError):
+            raise NmtError("not a valid SentencePiece model") from None
+        ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+        if ids != SPECIAL_IDS:
+            raise NmtError(
+                f"SentencePiece model has special ids pad/unk/bos/eos={ids}, "
+                f"expected {SPECIAL_IDS}: train it with `nmt tokenizer`"
+            )
+
+    @classmethod
+    def load(cls, path: Path, normalization: str = "NFC") -> Tokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise NmtError(f"{path}: no such tokenizer model")
+        return cls(path.read_bytes(), normalization)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the model bytes: identifies the tokenizer data was encoded with."""
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def normalize(self, text: str) -> str:
+        return normalize(text, self.normalization)
+
+    def encode(self, text: str) -> list[int]:
+        """Normalise and encode to ids, without BOS/EOS (callers add what they need)."""
+        return self._sp.encode(self.normalize(text))
+
+    def encode_pieces(self, text: str) -> list[str]:
+        return self._sp.encode(self.normalize(text), out_type=str)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        """Encode many texts at once; SentencePiece spreads them over `num_threads` (0 = all)."""
+        return self._sp.encode([self.normalize(t) for t in texts], num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text, dropping special ids (pad, bos, eos) wherever they stand."""
+        return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def id_to_piece(self, index: int) -> str:
+        return self._sp.id_to_piece(index)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Tokenizer)
+            and self.model_bytes == other.model_bytes
+            and self.normalization == other.normalization
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@dataclass
+class TrainingSummary:
+    """What `train_sentencepiece` did, for the summary table."""
+
+    model: Path
+    vocab: Path
+    vocab_size: int
+    model_type: str
+    character_coverage: float
+    sentences_read: int
+    sentences_used: int
+    seconds: float
+    inputs: list[Path] = field(default_factory=list)
+
+
+def _sample_sentences(
+    files: Sequence[Path], sample_size: int, form: str, seed: int, reporter: Reporter
+) -> tuple[list[str], int]:
+    """Read and normalise every non-empty line; keep a seeded reservoir sample if asked."""
+    rng = random.Random(seed)
+    kept: list[str] = []
+    read = 0
+    for path in files:
+        advance = reporter.task(f"reading {Path(path).name}", None, "lines")
+        for line in read_lines(path):
+            advance(1)
+            text = normalize(line, form)
+            if not text:
+                continue
+            read += 1
+            if sample_size <= 0 or len(kept) < sample_size:
+                kept.append(text)
+            else:
+                slot = rng.randrange(read)
+                if slot < sample_size:
+                    kept[slot] = text
+    return kept, read
+
+
+def train_sentencepiece(
+    files: Sequence[Path],
+    prefix: Path,
+    *,
+    vocab_size: int = 8000,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    sample_size: int = 0,
+    user_defined_symbols: Sequence[str] = (),
+    normalization: str = "NFC",
+    byte_fallback: bool = True,
+    seed: int = 1,
+    num_threads: int = 0,
+    reporter: Reporter = SILENT,
+) -> TrainingSummary:
+    """Train a SentencePiece model on text files, writing `<prefix>.model` and `<prefix>.vocab`.
+
+    `sample_size` > 0 trains on a seeded random sample of that many sentences,
+    for corpora too large to hold. Both output files appear only when training
+    succeeded.
+    """
+    if model_type not in MODEL_TYPES:
+        raise NmtError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    if vocab_size < len(SPECIAL_IDS) + 1:
+        raise NmtError(f"vocabulary size {vocab_size} is too small")
+    if not 0.0 < character_coverage <= 1.0:
+        raise NmtError(f"character coverage must be in (0, 1], got {character_coverage}")
+    if not files:
+        raise NmtError("no input files given")
+    prefix = Path(prefix)
+    ensure_writable_dir(prefix.parent)
+    start = time.perf_counter()
+    spm.set_random_generator_seed(seed)
+    sentences, read = _sample_sentences(files, sample_size, normalization, seed, reporter)
+    if not sentences:
+        raise NmtError("the input files hold no text")
+    model_path, vocab_path = Path(f"{prefix}.model"), Path(f"{prefix}.vocab")
+    advance = reporter.task("training SentencePiece", len(sentences), "sentences")
+
+    def feed() -> Iterator[str]:
+        for text in sentences:
+            advance(1)
+            yield text
+
+    model_proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=feed(),
+            model_writer=model_proto,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            user_defined_symbols=list(user_defined_symbols),
+            normalization_rule_name="identity",
+            byte_fallback=byte_fallback,
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+            hard_vocab_limit=True,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise _training_error(exc, vocab_size) from None
+    model_bytes = model_proto.getvalue()
+    with atomic_path(model_path) as tmp_model, atomic_path(vocab_path) as tmp_vocab:
+        tmp_model.write_bytes(model_bytes)
+        tmp_vocab.write_text(_vocab_listing(model_bytes), encoding="utf-8")
+    return TrainingSummary(
+        model=model_path,
+        vocab=vocab_path,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        sentences_read=read,
+        sentences_used=len(sentences),
+        seconds=time.perf_counter() - start,
+        inputs=[Path(f) for f in files],
+    )
+
+
+def _vocab_listing(model_bytes: bytes) -> str:
+    """The `.vocab` file SentencePiece would write: one `piece<TAB>score` line per id."""
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model_bytes)
+    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+
+
+def _training_error(exc: RuntimeError, vocab_size: int) -> NmtError:
+    """Turn SentencePiece's multi-line internal errors into one sentence."""
+    message = str(exc)
+    limit = re.search(r"<=\s*(\d+)", message)
+    if "Vocabulary size" in message and limit:
+        return NmtError(
+            f"vocabulary size {vocab_size} is more than this corpus can supply "
+            f"(at most {limit.group(1)}); lower --vocab-size or add data"
+        )
+    first = message.strip().splitlines()[-1] if message.strip() else "unknown error"
+    return NmtError(f"SentencePiece training failed: {first}")

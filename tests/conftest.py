@@ -1,0 +1,52 @@
+"""Shared fixtures: small generated corpora, so the core suite needs no downloaded data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k-en-de"
+
+EN_WORDS = "a man woman dog cat runs walks on the street with red blue ball in park young girl boy plays".split()
+DE_WORDS = "ein mann frau hund katze läuft geht auf der straße mit rotem blauem ball im park junges mädchen junge spielt".split()
+
+
+def make_parallel(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A toy parallel corpus: the target is a word-by-word mapping of the source."""
+    rng = random.Random(seed)
+    src, tgt = [], []
+    for _ in range(n):
+        idx = [rng.randrange(len(EN_WORDS)) for _ in range(rng.randint(3, 12))]
+        src.append(" ".join(EN_WORDS[i] for i in idx))
+        tgt.append(" ".join(DE_WORDS[i] for i in idx))
+    return src, tgt
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/valid .en/.de files of the toy corpus."""
+    root = tmp_path_factory.mktemp("corpus")
+    for split, n, seed in (("train", 600, 0), ("valid", 40, 1)):
+        src, tgt = make_parallel(n, seed)
+        (root / f"{split}.en").write_text("\n".join(src) + "\n", encoding="utf-8")
+        (root / f"{split}.de").write_text("\n".join(tgt) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def joint_spm(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A joint SentencePiece model over the toy corpus (vocabulary 300 with byte fallback)."""
+    from nmt.tokenizer import train_sentencepiece
+
+    prefix = tmp_path_factory.mktemp("spm") / "joint"
+    train_sentencepiece([corpus_dir / "train.en", corpus_dir / "train.de"], prefix, vocab_size=300)
+    return Path(f"{prefix}.model")
+
+
+@pytest.fixture
+def multi30k() -> Path:
+    if not (MULTI30K / "train.en").is_file():
+        pytest.skip("Multi30k data not present")
+    return MULTI30K
