@@ -7,7 +7,12 @@ the command line, and `to_dict` gives the resolved form stored in checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from nmt.errors import NmtError
 
 
 @dataclass
@@ -63,6 +68,159 @@ class DecodeConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Training-loop options."""
+
+    data: str = ""  # directory written by `nmt prepare`
+    run_dir: str = "runs/default"  # checkpoints, metrics.jsonl and the resolved config go here
+    seed: int = 1
+    device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
+    threads: int = 0  # CPU threads for torch; 0 = all cores
+    precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (fp16 on CUDA only, with loss scaling)
+    max_tokens: int = 4096  # padded tokens per batch and per process (see TokenBatchSampler)
+    accum_steps: int = 1  # batches accumulated into one update
+    max_updates: int = 0  # stop after this many updates; 0 = no limit
+    max_epochs: int = 0  # stop after this many epochs; 0 = no limit
+    max_minutes: float = 0.0  # stop after this much wall-clock time; 0 = no limit
+    optimizer: str = "adamw"  # "adam" or "adamw"
+    lr: float = 7e-4  # peak learning rate (for "noam": a multiplier of d_model**-0.5)
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0  # applied to weight matrices only, never to biases, norms or embeddings
+    clip_norm: float = 1.0  # gradient norm clipping; 0 = off
+    label_smoothing: float = 0.1
+    scheduler: str = "inverse_sqrt"  # "inverse_sqrt", "noam", "plateau" or "constant"
+    warmup: int = 4000  # linear warm-up updates (inverse_sqrt, noam)
+    plateau_factor: float = 0.5  # plateau: multiply the rate by this when validation stops improving
+    plateau_patience: int = 2  # plateau: validations without improvement before decaying
+    min_lr: float = 1e-6  # plateau: never decay below this
+    valid_every: int = 1000  # validate every N updates (and at every epoch end); 0 = epoch end only
+    valid_bleu: bool = True  # also decode the validation set (greedy) for BLEU and chrF
+    valid_max_sentences: int = 0  # decode only the first N validation sentences; 0 = all
+    best_metric: str = "bleu"  # "bleu", "chrf", "loss" or "ppl": what "best" means
+    keep_last: int = 5  # update checkpoints kept besides best.pt
+    patience: int = 0  # early stopping after N validations without improvement; 0 = off
+    log_every: int = 50  # updates between training log lines
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+# What differs for the recurrent baseline: Luong/Bahdanau-style training, not Transformer warm-up.
+RNN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"arch": "rnn", "dropout": 0.3, "enc_layers": 2, "dec_layers": 2},
+    "train": {"lr": 1e-3, "scheduler": "plateau", "warmup": 0, "clip_norm": 1.0},
+}
+ARCH_ALIASES = {"transformer": ("transformer", None), "lstm": ("rnn", "lstm"), "gru": ("rnn", "gru"), "rnn": ("rnn", "rnn")}
+
+
+def defaults_for(model: str) -> dict[str, dict[str, Any]]:
+    """Overrides that make a good starting point for `--model transformer|lstm|gru|rnn`."""
+    if model not in ARCH_ALIASES:
+        raise NmtError(f"unknown model {model!r}; choose one of {', '.join(ARCH_ALIASES)}")
+    arch, cell = ARCH_ALIASES[model]
+    if arch == "transformer":
+        return {}
+    return {"model": {**RNN_DEFAULTS["model"], "cell": cell}, "train": dict(RNN_DEFAULTS["train"])}
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The resolved config as plain data (stored in checkpoints, printed at start)."""
+    return asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested plain data, rejecting unknown sections and keys."""
+    config = Config()
+    merge(config, data)
+    return config
+
+
+def merge(config: Config, data: dict[str, Any]) -> Config:
+    """Apply nested {section: {key: value}} onto `config` in place, with type checks."""
+    for section, values in data.items():
+        target = getattr(config, section, None) if section in _SECTIONS else None
+        if target is None:
+            raise NmtError(f"unknown config section [{section}]; expected one of {', '.join(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise NmtError(f"config section [{section}] must be a table")
+        known = {f.name: f for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise NmtError(f"unknown option {section}.{key}")
+            setattr(target, key, _coerce(f"{section}.{key}", getattr(target, key), value))
+    return config
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into nested plain data."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NmtError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise NmtError(f"{path}: invalid TOML ({exc})") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ["train.lr=0.001", "model.norm=post"] into nested data; values are TOML literals or bare strings."""
+    data: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise NmtError(f"override {item!r} must look like section.key=value, e.g. train.lr=0.001")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        data.setdefault(section, {})[name] = value
+    return data
+
+
+_SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def _coerce(name: str, current: Any, value: Any) -> Any:
+    """Check `value` against the type of the default it replaces (ints are accepted for floats)."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, tuple):
+        if isinstance(value, (list, tuple)) and len(value) == len(current):
+            return tuple(_coerce(name, c, v) for c, v in zip(current, value))
+    elif isinstance(current, str):
+        if isinstance(value, str):
+            return value
+    raise NmtError(f"option {name} expects {type(current).__name__}, got {value!r}")
+
+
+def to_toml(config: Config) -> str:
+    """Render the resolved config as TOML (for printing and for the run directory)."""
+    lines: list[str] = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)

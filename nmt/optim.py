@@ -1,0 +1,88 @@
+"""Optimiser with weight-decay groups and the learning-rate schedules of NMT training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmt.config import TrainConfig
+from nmt.errors import NmtError
+
+SCHEDULERS = ("inverse_sqrt", "noam", "plateau", "constant")
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or AdamW; weight decay only on weight matrices, never on biases, norms or embeddings."""
+    if config.optimizer not in ("adam", "adamw"):
+        raise NmtError(f"unknown optimizer {config.optimizer!r}; choose adam or adamw")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for param in dict.fromkeys(p for p in model.parameters() if p.requires_grad):  # tied weights once
+        (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps)
+
+
+class LearningRate:
+    """The learning rate as a function of the update number, plus plateau decay.
+
+    inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / update) (fairseq).
+    noam: lr * d_model**-0.5 * min(update**-0.5, update * warmup**-1.5) (Vaswani et al.).
+    plateau / constant: linear warm-up (if any) to `lr`; plateau multiplies the rate
+    by `plateau_factor` after `plateau_patience` validations without improvement.
+    """
+
+    def __init__(self, config: TrainConfig, d_model: int) -> None:
+        if config.scheduler not in SCHEDULERS:
+            raise NmtError(f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if config.scheduler in ("inverse_sqrt", "noam") and config.warmup <= 0:
+            raise NmtError(f"scheduler {config.scheduler} needs train.warmup > 0")
+        self.config = config
+        self.d_model = d_model
+        self.scale = 1.0  # plateau decay so far
+        self.bad_validations = 0
+        self.best: float | None = None
+
+    def at(self, update: int) -> float:
+        """The rate used for update number `update` (1-based)."""
+        c, u = self.config, max(update, 1)
+        warm = min(1.0, u / c.warmup) if c.warmup > 0 else 1.0
+        if c.scheduler == "inverse_sqrt":
+            return c.lr * min(u / c.warmup, math.sqrt(c.warmup / u))
+        if c.scheduler == "noam":
+            return c.lr * self.d_model**-0.5 * min(u**-0.5, u * c.warmup**-1.5)
+        return max(c.lr * warm * self.scale, c.min_lr if self.scale < 1.0 else 0.0)
+
+    def apply(self, optimizer: torch.optim.Optimizer, update: int) -> float:
+        rate = self.at(update)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        return rate
+
+    def observe(self, score: float, higher_is_better: bool) -> bool:
+        """Feed a validation score; returns True when the plateau rule decayed the rate."""
+        if self.config.scheduler != "plateau":
+            return False
+        improved = self.best is None or (score > self.best if higher_is_better else score < self.best)
+        if improved:
+            self.best, self.bad_validations = score, 0
+            return False
+        self.bad_validations += 1
+        if self.bad_validations < self.config.plateau_patience:
+            return False
+        self.bad_validations = 0
+        self.scale *= self.config.plateau_factor
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "bad_validations": self.bad_validations, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.bad_validations, self.best = state["scale"], state["bad_validations"], state["best"]

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nmt.config import TrainConfig
+from nmt.errors import NmtError
+from nmt.loss import label_smoothed_loss
+from nmt.optim import LearningRate, build_optimizer
+from nmt.tokenizer import PAD_ID
+
+
+def test_inverse_sqrt_schedule_values() -> None:
+    schedule = LearningRate(TrainConfig(lr=1e-3, warmup=100, scheduler="inverse_sqrt"), d_model=256)
+    assert schedule.at(1) == pytest.approx(1e-5)
+    assert schedule.at(50) == pytest.approx(5e-4)
+    assert schedule.at(100) == pytest.approx(1e-3)
+    assert schedule.at(400) == pytest.approx(5e-4)
+
+
+def test_noam_schedule_values() -> None:
+    schedule = LearningRate(TrainConfig(lr=2.0, warmup=4000, scheduler="noam"), d_model=512)
+    assert schedule.at(4000) == pytest.approx(2.0 * 512**-0.5 * 4000**-0.5)
+    assert schedule.at(100) == pytest.approx(2.0 * 512**-0.5 * 100 * 4000**-1.5)
+    assert schedule.at(16000) == pytest.approx(schedule.at(4000) / 2)
+
+
+def test_plateau_decays_after_patience_and_respects_floor() -> None:
+    schedule = LearningRate(TrainConfig(lr=1e-3, warmup=0, scheduler="plateau", plateau_patience=2, plateau_factor=0.5, min_lr=3e-4), 256)
+    assert schedule.observe(10.0, True) is False
+    assert schedule.observe(9.0, True) is False
+    assert schedule.observe(9.5, True) is True
+    assert schedule.at(10) == pytest.approx(5e-4)
+    assert schedule.observe(11.0, True) is False  # improvement resets the count
+    schedule.observe(1.0, True)
+    schedule.observe(1.0, True)
+    assert schedule.at(10) == pytest.approx(3e-4)  # 2.5e-4 is below the floor
+    restored = LearningRate(schedule.config, 256)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.at(10) == schedule.at(10)
+
+
+def test_schedule_errors() -> None:
+    with pytest.raises(NmtError, match="unknown scheduler"):
+        LearningRate(TrainConfig(scheduler="cosine"), 256)
+    with pytest.raises(NmtError, match="warmup > 0"):
+        LearningRate(TrainConfig(scheduler="noam", warmup=0), 256)
+
+
+def test_weight_decay_groups() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = optimizer.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
+
+
+def test_label_smoothing_matches_hand_computation() -> None:
+    logits = torch.tensor([[[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]])
+    target = torch.tensor([[2, 3, PAD_ID]])
+    eps = 0.1
+    loss, nll = label_smoothed_loss(logits, target, eps)
+    expected_nll = expected_loss = 0.0
+    for row, gold in ((logits[0, 0], 2), (logits[0, 1], 3)):
+        logz = math.log(sum(math.exp(v) for v in row.tolist()))
+        logp = [v - logz for v in row.tolist()]
+        expected_nll += -logp[gold]
+        expected_loss += (1 - eps) * -logp[gold] + eps * sum(-lp for lp in logp) / 4
+    assert nll.item() == pytest.approx(expected_nll, rel=1e-6)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    reference = torch.nn.functional.cross_entropy(logits[0], target[0], ignore_index=PAD_ID, label_smoothing=eps, reduction="sum")
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    plain, _ = label_smoothed_loss(logits, target, 0.0)
+    assert plain.item() == pytest.approx(expected_nll, rel=1e-6)
