@@ -1,0 +1,126 @@
+"""One self-contained checkpoint file: weights, resolved config, tokenizers, training state.
+
+`nmt translate -m model.pt` needs nothing else. Files load with
+`torch.load(weights_only=True)`, so opening a checkpoint never runs code from it,
+and are written to a temporary name and renamed, so a crash never leaves a
+truncated file under the real name.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt import __version__
+from nmt.config import Config, from_dict, to_dict
+from nmt.errors import NmtError
+from nmt.io import atomic_path
+from nmt.tokenizer import Tokenizer
+
+FORMAT = "nmt-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds; `train_state` is None in an inference-only export."""
+
+    config: Config
+    model_state: dict[str, torch.Tensor]
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    train_state: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Serialise once; the trainer writes the same bytes to several files."""
+        joint = self.src_tokenizer.model_bytes == self.tgt_tokenizer.model_bytes
+        payload = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "nmt_version": __version__,
+            "config": to_dict(self.config),
+            "model": self.model_state,
+            "tokenizers": {
+                "src": self.src_tokenizer.model_bytes,
+                "tgt": None if joint else self.tgt_tokenizer.model_bytes,
+                "normalization": self.src_tokenizer.normalization,
+            },
+            "train_state": self.train_state,
+            "metrics": self.metrics,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def save(self, path: Path) -> None:
+        write_bytes_atomic(Path(path), self.to_bytes())
+
+    def inference_only(self) -> Checkpoint:
+        """The same checkpoint without optimiser, scheduler and RNG state: for deployment."""
+        return replace(self, train_state=None)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint, turning every way a file can be wrong into one NmtError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NmtError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NmtError(f"{path}: corrupt or truncated checkpoint ({reason[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise NmtError(f"{path}: not an nmt checkpoint")
+    if payload.get("version") != FORMAT_VERSION:
+        raise NmtError(
+            f"{path}: checkpoint format version {payload.get('version')} is not supported by nmt "
+            f"{__version__} (expects {FORMAT_VERSION})"
+        )
+    tokenizers = payload["tokenizers"]
+    src = Tokenizer(tokenizers["src"], tokenizers["normalization"])
+    tgt = src if tokenizers["tgt"] is None else Tokenizer(tokenizers["tgt"], tokenizers["normalization"])
+    return Checkpoint(
+        config=from_dict(payload["config"]),
+        model_state=payload["model"],
+        src_tokenizer=src,
+        tgt_tokenizer=tgt,
+        train_state=payload.get("train_state"),
+        metrics=payload.get("metrics") or {},
+    )
+
+
+def average_checkpoints(paths: list[Path]) -> Checkpoint:
+    """Average the parameters of several checkpoints of one run (Vaswani et al. 2017).
+
+    The result carries the config and tokenizers of the last file and no training state.
+    """
+    if not paths:
+        raise NmtError("no checkpoints to average")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    last = checkpoints[-1]
+    for path, ckpt in zip(paths, checkpoints):
+        if ckpt.model_state.keys() != last.model_state.keys() or any(
+            ckpt.model_state[k].shape != v.shape for k, v in last.model_state.items()
+        ):
+            raise NmtError(f"{path}: parameters differ from {paths[-1]}; only checkpoints of one model can be averaged")
+    averaged: dict[str, torch.Tensor] = {}
+    for key, value in last.model_state.items():
+        if value.is_floating_point():
+            total = torch.stack([c.model_state[key].double() for c in checkpoints]).mean(0)
+            averaged[key] = total.to(value.dtype)
+        else:
+            averaged[key] = value.clone()
+    return replace(last, model_state=averaged, train_state=None, metrics={})
