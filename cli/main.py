@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cli.evaluate import evaluate
 from cli.tokenizer import tokenizer
 from nmt import __version__
 
@@ -37,6 +38,7 @@ def root(
 
 
 app.command(name="tokenizer")(tokenizer)
+app.command(name="eval")(evaluate)
 
 
 def main() -> None:
