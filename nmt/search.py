@@ -140,11 +140,14 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         log_probs, state = model.step(last, state)  # (N*W, V)
         vocab = log_probs.size(1)
         log_probs = _mask(log_probs, step, max_len.repeat_interleave(width), config)
-        candidates = (scores.unsqueeze(2) + log_probs.view(live_count, width, vocab)).view(live_count, -1)
-        top, index = candidates.topk(min(beam, width * vocab), dim=1)  # (N, K)
+        # the K best extensions of a sentence are among the K best of each of its beams
+        best, best_token = log_probs.topk(min(beam, vocab), dim=1)  # (N*W, k)
+        per_beam = best.size(1)
+        candidates = (scores.unsqueeze(2) + best.view(live_count, width, per_beam)).view(live_count, -1)
+        top, index = candidates.topk(min(beam, width * per_beam), dim=1)  # (N, K)
         offsets = torch.arange(live_count, device=device).unsqueeze(1) * width  # (N, 1)
-        origin = offsets + index.div(vocab, rounding_mode="floor")  # (N, K) rows of the N*W beams
-        token = index.remainder(vocab)  # (N, K)
+        origin = offsets + index.div(per_beam, rounding_mode="floor")  # (N, K) rows of the N*W beams
+        token = best_token.view(live_count, -1).gather(1, index)  # (N, K)
         tokens = tokens[origin.view(-1)]  # (N*K, T)
         tokens[:, step] = token.view(-1)
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
@@ -247,9 +250,11 @@ def _mask(log_probs: Tensor, step: int, max_len: Tensor, config: DecodeConfig) -
     at_limit = max_len == step + 1  # (R,)
     if step + 1 < config.min_len:
         log_probs[:, EOS_ID].masked_fill_(~at_limit, NEG_INF)
-    eos = log_probs[:, EOS_ID].clone()  # (R,)
-    log_probs.masked_fill_(at_limit.unsqueeze(1), NEG_INF)
-    log_probs[:, EOS_ID] = eos
+    rows = at_limit.nonzero().squeeze(1)  # usually none: touch only those rows
+    if rows.numel():
+        eos = log_probs[rows, EOS_ID]
+        log_probs[rows] = NEG_INF
+        log_probs[rows, EOS_ID] = eos
     return log_probs
 
 
