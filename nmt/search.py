@@ -307,7 +307,9 @@ def _decode_rows(
                 break
             state = model.reorder_state(state, keep)
             tokens, raw, max_len, origin, last = tokens[keep], raw[keep], max_len[keep], origin[keep], last[keep]
-    return _hypotheses(out_tokens.view(batch, rows, limit), out_raw.view(batch, rows), out_len.view(batch, rows), config)
+    return _hypotheses(
+        out_tokens.view(batch, rows, limit), out_raw.view(batch, rows), out_len.view(batch, rows), config
+    )
 
 
 def _hypotheses(tokens: Tensor, raw: Tensor, length: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
@@ -316,7 +318,7 @@ def _hypotheses(tokens: Tensor, raw: Tensor, length: Tensor, config: DecodeConfi
     score = (raw / lp[length]).masked_fill(length == 0, NEG_INF)  # (B, n)
     order = score.sort(dim=1, descending=True, stable=True).indices  # (B, n)
     tokens = tokens.gather(1, order.unsqueeze(2).expand_as(tokens)).tolist()
-    score, raw, length = score.gather(1, order).tolist(), raw.gather(1, order).tolist(), length.gather(1, order).tolist()
+    score, raw, length = (values.gather(1, order).tolist() for values in (score, raw, length))
     return [
         [Hypothesis(toks[:n], s, r) for toks, s, r, n in zip(*sentence) if n > 0]
         for sentence in zip(tokens, score, raw, length)
