@@ -1,0 +1,75 @@
+"""What every architecture shares: the interface base class, embeddings and the output layer.
+
+`Seq2Seq` holds the parts of the model interface that do not depend on the
+architecture (parameter count, state reordering, float32 log-probs), so search
+and training code can treat a Transformer and an RNN alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+from nmt.errors import NmtError
+from nmt.tokenizer import PAD_ID
+
+State = dict[str, Tensor]
+
+
+def check_choice(option: str, value: str, choices: Sequence[str]) -> None:
+    """Reject an unknown option value in one line, listing the valid ones."""
+    if value not in choices:
+        raise NmtError(f"unknown model.{option} {value!r}; choose one of {', '.join(choices)}")
+
+
+class Seq2Seq(nn.Module):
+    """Base class of every encoder-decoder; see the model interface in the design notes."""
+
+    max_positions: int | None = None
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each shared tensor counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def reorder_state(self, state: State, index: Tensor) -> State:
+        """Gather every batch-first tensor of the state along dim 0 (beam expansion, back-pointers, pruning)."""
+        return {key: value.index_select(0, index) if value.dim() else value for key, value in state.items()}
+
+    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
+        raise NotImplementedError
+
+
+class Embeddings(nn.Module):
+    """Source and target token tables, one shared table when the vocabulary is joint."""
+
+    def __init__(self, config: ModelConfig, dim: int) -> None:
+        super().__init__()
+        if config.src_vocab_size <= 0 or config.tgt_vocab_size <= 0:
+            raise NmtError("model vocabulary sizes are not set (src_vocab_size, tgt_vocab_size)")
+        if config.joint_vocab and config.src_vocab_size != config.tgt_vocab_size:
+            raise NmtError(
+                f"joint_vocab needs equal vocabulary sizes, got source {config.src_vocab_size} "
+                f"and target {config.tgt_vocab_size}"
+            )
+        if config.share_embeddings and not config.joint_vocab:
+            raise NmtError("model.share_embeddings needs a joint vocabulary (joint_vocab); set share_embeddings = false")
+        self.src = nn.Embedding(config.src_vocab_size, dim, padding_idx=PAD_ID)
+        self.tgt = self.src if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, dim, padding_idx=PAD_ID)
+
+
+def output_layer(config: ModelConfig, dim: int, tgt_embed: nn.Embedding) -> nn.Linear:
+    """Projection to target-vocabulary logits, without bias; its weight *is* the target table when tied."""
+    output = nn.Linear(dim, config.tgt_vocab_size, bias=False)
+    if config.tie_output:
+        if tgt_embed.embedding_dim != dim:
+            raise NmtError(f"model.tie_output needs embeddings of size {dim}, got {tgt_embed.embedding_dim}")
+        output.weight = tgt_embed.weight
+    return output
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """Log-softmax in float32 whatever the autocast dtype, so beam scores do not drift."""
+    return torch.log_softmax(logits.float(), dim=-1)

@@ -1,0 +1,285 @@
+"""The encoder-decoder Transformer of "Attention Is All You Need", with a key/value cache.
+
+Attention runs through `scaled_dot_product_attention`, so the fused kernels of
+the installed torch are used. Incremental decoding keeps, per decoder layer, the
+self-attention keys/values of the tokens seen so far (one tensor per layer,
+grown by concatenation) and the cross-attention keys/values of the source
+(one tensor for all layers, computed once in `init_state`); every state tensor
+has the batch first, so `reorder_state` is one `index_select` per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+from nmt.errors import NmtError
+from nmt.models.common import Embeddings, Seq2Seq, State, check_choice, log_probs, output_layer
+
+
+def split_heads(x: Tensor, parts: int, heads: int) -> Tensor:
+    """(B, T, parts*D) -> (B, parts, H, T, D/H): the layout attention kernels want."""
+    batch, length, width = x.shape
+    return x.view(batch, length, parts, heads, width // (parts * heads)).permute(0, 2, 3, 1, 4)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, Dh) -> (B, T, H*Dh)."""
+    batch, heads, length, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def xavier_chunks(linear: nn.Linear, chunks: int) -> None:
+    """Xavier-initialise a fused projection as `chunks` separate D x D matrices, as if unfused."""
+    for part in linear.weight.data.chunk(chunks, dim=0):
+        nn.init.xavier_uniform_(part)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with Q/K/V fused into one projection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, causal: bool = False, cache: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, T, D); mask (B, 1, 1, T) True at keys to attend; cache (B, 2, H, t, Dh) of earlier tokens.
+
+        Returns the output (B, T, D) and the keys/values of all tokens so far (B, 2, H, t+T, Dh).
+        """
+        qkv = split_heads(self.qkv(x), 3, self.heads)  # (B, 3, H, T, Dh)
+        kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)  # (B, 2, H, t+T, Dh)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(
+            qkv[:, 0], kv[:, 0], kv[:, 1], attn_mask=mask, dropout_p=dropout, is_causal=causal
+        )  # (B, H, T, Dh)
+        return self.out(merge_heads(out)), kv
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the decoder to the encoder output, K/V fused into one projection."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def keys_values(self, memory: Tensor) -> Tensor:
+        """memory (B, S, D) -> keys/values (B, 2, H, S, Dh), computed once per sentence."""
+        return split_heads(self.kv(memory), 2, self.heads)
+
+    def forward(self, x: Tensor, kv: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, D), kv (B, 2, H, S, Dh), mask (B, 1, 1, S) -> output (B, T, D) and head-averaged weights (B, T, S)."""
+        q = split_heads(self.q(x), 1, self.heads)[:, 0]  # (B, H, T, Dh)
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask, dropout_p=dropout)
+            return self.out(merge_heads(out)), None
+        scores = q @ kv[:, 0].transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        out = F.dropout(weights, dropout, self.training) @ kv[:, 1]  # (B, H, T, Dh)
+        return self.out(merge_heads(out)), weights.mean(dim=1)
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, config: ModelConfig) -> None:
+        activation = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        super().__init__(
+            nn.Linear(config.d_model, config.ffn_dim),
+            activation,
+            nn.Dropout(config.activation_dropout),
+            nn.Linear(config.ffn_dim, config.d_model),
+        )
+
+
+class Residual(nn.Module):
+    """Residual connection, dropout and LayerNorm around a sub-layer: the norm goes before (pre) or after (post)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pre = config.norm == "pre"
+        self.norm = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def inp(self, x: Tensor) -> Tensor:
+        """What the sub-layer reads."""
+        return self.norm(x) if self.pre else x
+
+    def add(self, x: Tensor, out: Tensor) -> Tensor:
+        """The residual stream after the sub-layer produced `out`."""
+        x = x + self.dropout(out)
+        return x if self.pre else self.norm(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(config.d_model, config.heads, config.attention_dropout)
+        self.ffn = FeedForward(config)
+        self.res_attn, self.res_ffn = Residual(config), Residual(config)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, S, D), mask (B, 1, 1, S) -> (B, S, D)."""
+        x = self.res_attn.add(x, self.attn(self.res_attn.inp(x), mask=mask)[0])
+        return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(config.d_model, config.heads, config.attention_dropout)
+        self.cross_attn = CrossAttention(config.d_model, config.heads, config.attention_dropout)
+        self.ffn = FeedForward(config)
+        self.res_self, self.res_cross, self.res_ffn = Residual(config), Residual(config), Residual(config)
+
+    def forward(
+        self, x: Tensor, cross_kv: Tensor, mask: Tensor, cache: Tensor | None, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x (B, T, D); without a cache T is the whole target (causal), with one T is 1 new token.
+
+        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, T, S) if asked.
+        """
+        out, kv = self.self_attn(self.res_self.inp(x), causal=cache is None, cache=cache)
+        x = self.res_self.add(x, out)
+        out, weights = self.cross_attn(self.res_cross.inp(x), cross_kv, mask, need_weights)
+        x = self.res_cross.add(x, out)
+        return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x))), kv, weights
+
+
+def sinusoids(length: int, dim: int) -> Tensor:
+    """The fixed position encodings of Vaswani et al.: sin on even, cos on odd channels. (length, dim)"""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (D/2,)
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class Transformer(Seq2Seq):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        check_choice("norm", config.norm, ("pre", "post"))
+        check_choice("activation", config.activation, ("relu", "gelu"))
+        check_choice("positions", config.positions, ("sinusoidal", "learned"))
+        if config.d_model % config.heads:
+            raise NmtError(f"model.d_model {config.d_model} is not divisible by model.heads {config.heads}")
+        if config.enc_layers < 1 or config.dec_layers < 1:
+            raise NmtError("model.enc_layers and model.dec_layers must be at least 1")
+        self.config = config
+        self.max_positions = config.max_positions
+        dim = config.d_model
+        self.embed = Embeddings(config, dim)
+        self.scale = math.sqrt(dim)
+        if config.positions == "learned":
+            self.learned_positions = nn.Embedding(config.max_positions, dim)
+        else:
+            self.register_buffer("sinusoids", sinusoids(config.max_positions, dim), persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.enc_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.dec_layers))
+        # Pre-norm leaves the residual stream un-normalised: one LayerNorm closes each stack.
+        pre = config.norm == "pre"
+        self.encoder_norm = nn.LayerNorm(dim) if pre else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(dim) if pre else nn.Identity()
+        self.output = output_layer(config, dim, self.embed.tgt)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Xavier for projections (a fused Q/K/V as separate D x D blocks), zero biases, and N(0, 1/D)
+        for embeddings, so inputs scaled by sqrt(D) have unit variance and tied logits start small."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                xavier_chunks(module.qkv, 3)
+            elif isinstance(module, CrossAttention):
+                xavier_chunks(module.kv, 2)
+        for table in dict.fromkeys([self.embed.src, self.embed.tgt]):
+            nn.init.normal_(table.weight, std=self.config.d_model**-0.5)
+            with torch.no_grad():
+                table.weight[table.padding_idx].zero_()
+
+    def _embed(self, table: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
+        """tokens (B, T) at positions offset.. -> scaled embeddings plus positions, (B, T, D)."""
+        end = offset + tokens.size(1)
+        if end > self.max_positions:
+            raise NmtError(f"sequence of {end} tokens is longer than model.max_positions={self.max_positions}")
+        if self.config.positions == "learned":
+            positions = self.learned_positions.weight[offset:end]  # (T, D)
+        else:
+            positions = self.sinusoids[offset:end]
+        return self.dropout(table(tokens) * self.scale + positions)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """src (B, S), src_mask (B, S) -> memory (B, S, D)."""
+        x = self._embed(self.embed.src, src)
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+        memory = self.encode(src, src_mask)
+        mask = src_mask[:, None, None, :]
+        x = self._embed(self.embed.tgt, tgt_in)
+        for layer in self.decoder:
+            x = layer(x, layer.cross_attn.keys_values(memory), mask, cache=None)[0]
+        return self.output(self.decoder_norm(x))
+
+    def init_state(self, memory: Tensor, src_mask: Tensor, keep_attention: bool = False) -> State:
+        """Cross-attention keys/values of every layer, (B, L, 2, H, S, Dh), computed once.
+
+        With `keep_attention`, each step stores its cross-attention weights (averaged over heads)
+        under "attention", (B, L, S).
+        """
+        cross = torch.stack([layer.cross_attn.keys_values(memory) for layer in self.decoder], dim=1)
+        state = {"src_mask": src_mask, "cross_kv": cross}
+        if keep_attention:
+            state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
+        return state
+
+    def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """tokens (B,) -> float32 log-probs of the next token (B, V) and the state with this token cached."""
+        position = state["self_kv.0"].size(3) if "self_kv.0" in state else 0
+        x = self._embed(self.embed.tgt, tokens[:, None], offset=position)  # (B, 1, D)
+        mask = state["src_mask"][:, None, None, :]
+        keep = "attention" in state
+        new: State = {"src_mask": state["src_mask"], "cross_kv": state["cross_kv"]}
+        weights = []
+        for i, layer in enumerate(self.decoder):
+            cache = state.get(f"self_kv.{i}")
+            x, new[f"self_kv.{i}"], attn = layer(x, state["cross_kv"][:, i], mask, cache, need_weights=keep)
+            weights.append(attn)
+        if keep:
+            new["attention"] = torch.cat(weights, dim=1)  # (B, L, S)
+        return log_probs(self.output(self.decoder_norm(x))[:, 0]), new
+
+    def flops_per_token(self, src_len: int, tgt_len: int) -> float:
+        """Forward FLOPs per target token: 2 x multiply-adds of every matrix product.
+
+        Per source token and encoder layer: 4D^2 (Q, K, V, out) + 2DF (FFN) + 2SD (scores, weighted sum).
+        Per target token and decoder layer: 4D^2 + 2DF + 2D^2 (cross Q, out) + 2TD (self-attention over
+        all T keys, as kernels compute the masked square) + 2SD (cross-attention); plus 2D^2 per source
+        token and decoder layer for the cross K/V, and DV for the output layer. Norms, softmax and
+        embeddings are ignored.
+        """
+        c = self.config
+        d, f, s, t = c.d_model, c.ffn_dim, src_len, tgt_len
+        encoder = c.enc_layers * s * (4 * d * d + 2 * d * f + 2 * s * d)
+        decoder = c.dec_layers * (t * (6 * d * d + 2 * d * f + 2 * t * d + 2 * s * d) + s * 2 * d * d)
+        return 2.0 * (encoder + decoder + t * d * c.tgt_vocab_size) / t
