@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.evaluate import evaluate
+from cli.prepare import prepare
 from cli.tokenizer import tokenizer
 from nmt import __version__
 
@@ -38,6 +39,7 @@ def root(
 
 
 app.command(name="tokenizer")(tokenizer)
+app.command(name="prepare")(prepare)
 app.command(name="eval")(evaluate)
 
 

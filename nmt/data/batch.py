@@ -1,0 +1,96 @@
+"""Padded tensors for one batch, and the one rule for what a model reads as its source.
+
+Stored ids carry no BOS/EOS. A source sentence is its ids followed by EOS (no
+BOS); the target is shifted: decoder input BOS + y, decoder output y + EOS.
+`source_ids` is the single definition of the source side, used by `collate`
+here and by the translator, so training and translation cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+Example = tuple[Sequence[int], Sequence[int]]
+
+
+def source_ids(ids: Sequence[int]) -> list[int]:
+    """The model input for a source sentence's subword ids: the ids, then EOS."""
+    return [int(i) for i in ids] + [EOS_ID]
+
+
+def encode_source(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Normalise, encode and terminate a source sentence exactly as training saw it."""
+    return source_ids(tokenizer.encode(text))
+
+
+@dataclass
+class Batch:
+    """One training batch; every tensor is padded with PAD_ID at the end of each row."""
+
+    src: torch.Tensor  # (B, S) long: source ids + EOS
+    src_mask: torch.Tensor  # (B, S) bool: True at real tokens
+    tgt_in: torch.Tensor  # (B, T) long: BOS + target ids
+    tgt_out: torch.Tensor  # (B, T) long: target ids + EOS
+    src_tokens: int  # real source positions (EOS included)
+    tgt_tokens: int  # real target positions (EOS included): what the loss is averaged over
+
+    @property
+    def size(self) -> int:
+        return self.src.shape[0]
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        return replace(self, **{name: fn(getattr(self, name)) for name in _TENSORS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so `to(cuda, non_blocking=True)` overlaps with compute."""
+        return self._map(lambda t: t.pin_memory())
+
+
+_TENSORS = ("src", "src_mask", "tgt_in", "tgt_out")
+
+
+def _pad(rows: Sequence[Sequence[int]], lengths: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) int64 array of `rows`, right-padded with PAD_ID."""
+    out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    for row, (ids, n) in enumerate(zip(rows, lengths)):
+        out[row, :n] = ids
+    return out
+
+
+def pad_sources(sources: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad model-ready sources (from `source_ids`/`encode_source`): ids (B, S) and mask (B, S), True at real tokens."""
+    lengths = np.array([len(s) for s in sources], dtype=np.int64)  # (B,)
+    width = int(lengths.max())
+    mask = np.arange(width)[None, :] < lengths[:, None]  # (B, S)
+    return torch.from_numpy(_pad(sources, lengths, width)), torch.from_numpy(mask)
+
+
+def collate(examples: Sequence[Example], pin_memory: bool = False) -> Batch:
+    """Pad a list of (source ids, target ids) pairs, as stored (no BOS/EOS), into a `Batch`."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    src, src_mask = pad_sources([source_ids(s) for s, _ in examples])
+    lengths = np.array([len(t) for _, t in examples], dtype=np.int64)  # (B,)
+    tgt_out = _pad([t for _, t in examples], lengths, int(lengths.max()) + 1)  # (B, T): y, then PAD
+    tgt_in = np.empty_like(tgt_out)  # (B, T): BOS + y, then PAD
+    tgt_in[:, 0] = BOS_ID
+    tgt_in[:, 1:] = tgt_out[:, :-1]
+    tgt_out[np.arange(len(examples)), lengths] = EOS_ID  # y + EOS
+    batch = Batch(
+        src=src,
+        src_mask=src_mask,
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        src_tokens=int(src_mask.sum()),
+        tgt_tokens=int(lengths.sum()) + len(examples),
+    )
+    return batch.pin_memory() if pin_memory else batch
