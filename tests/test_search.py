@@ -190,7 +190,11 @@ def test_beam_matches_exhaustive_oracle(alpha: float, form: str, seed: int) -> N
 def scripted() -> ScriptedModel:
     """[EOS] has probability .55; [A, B, EOS] has .45 * .9 * .9 = .3645 but is longer."""
     return ScriptedModel(
-        table={(): {EOS_ID: 0.55, A: 0.45}, (A,): {B: 0.9, EOS_ID: 0.06, A: 0.04}, (A, B): {EOS_ID: 0.9, A: 0.05, B: 0.05}},
+        table={
+            (): {EOS_ID: 0.55, A: 0.45},
+            (A,): {B: 0.9, EOS_ID: 0.06, A: 0.04},
+            (A, B): {EOS_ID: 0.9, A: 0.05, B: 0.05},
+        },
         default={EOS_ID: 1 / 3, A: 1 / 3, B: 1 / 3},
     )
 
@@ -373,3 +377,53 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
     src, mask = batch_of([[4, 5]])
     with pytest.raises(NmtError, match=message):
         search(ToyModel(vocab=6), src, mask, DecodeConfig(**options))
+
+
+@pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("rnn", 1.0), ("rnn", 2.0)])
+def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    """A small random model of each architecture, in eval mode; random models run to the length limit
+    unless the EOS output row is scaled up (x2 gives a mix of short and long outputs)."""
+    from nmt.config import ModelConfig
+    from nmt.models import build_model
+
+    torch.manual_seed(17)
+    config = ModelConfig(
+        arch=request.param[0], src_vocab_size=40, tgt_vocab_size=40, joint_vocab=True, enc_layers=2, dec_layers=2,
+        d_model=32, heads=4, ffn_dim=64, embed_dim=32, hidden_size=32, max_positions=64,
+    )
+    model = build_model(config).eval()
+    with torch.no_grad():
+        model.output.weight[EOS_ID] *= request.param[1]
+    return model
+
+
+def teacher_forced(model: torch.nn.Module, src: Tensor, mask: Tensor, hyps: list[list[Hypothesis]]) -> list[float]:
+    """Sum of log_softmax(forward) at each hypothesis's tokens, one forward pass for all of them."""
+    rows = [i for i, sentence in enumerate(hyps) for _ in sentence]
+    outputs = [h.tokens for sentence in hyps for h in sentence]
+    tgt_in = torch.full((len(outputs), max(map(len, outputs))), PAD_ID)
+    tgt_out = torch.full_like(tgt_in, PAD_ID)
+    for i, tokens in enumerate(outputs):
+        tgt_in[i, : len(tokens)] = torch.tensor([BOS_ID, *tokens[:-1]])
+        tgt_out[i, : len(tokens)] = torch.tensor(tokens)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(src[rows], mask[rows], tgt_in).float(), -1)  # (N, T, V)
+    picked = log_probs.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (N, T)
+    return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(1).tolist()
+
+
+def test_real_models_beam_of_one_equals_greedy_and_scores_are_teacher_forced(real_model: torch.nn.Module) -> None:
+    sentences = random_sentences(6, 40, seed=18, longest=8)
+    src, mask = batch_of(sentences, extra_pad=1)
+    config = DecodeConfig(beam=1, nbest=1, alpha=0.6, max_len_a=1.0, max_len_b=5)
+    greedy = greedy_search(real_model, src, mask, config)
+    assert beam_search(real_model, src, mask, config) == greedy
+    beam = beam_search(real_model, src, mask, replace(config, beam=4, nbest=3, length_penalty="average", alpha=1.0))
+    for hyps, run in ((greedy, config), (beam, replace(config, length_penalty="average", alpha=1.0))):
+        raws = teacher_forced(real_model, src, mask, hyps)
+        for h, raw in zip([h for sentence in hyps for h in sentence], raws):
+            assert h.raw_score == pytest.approx(raw, abs=1e-4)
+            assert h.score == pytest.approx(raw / penalty(len(h.tokens), run), abs=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = search(real_model, src, mask, replace(config, beam=3))
+    assert all(h.tokens[-1] == EOS_ID and math.isfinite(h.score) for hyps in mixed for h in hyps)
