@@ -178,14 +178,16 @@ class RNNSeq2Seq(Seq2Seq):
         hidden = self._torch_hidden(state)
         new = dict(state)
         if self.config.input_feeding:
-            feed, steps = state["feed"], []
+            feed, all_vectors, all_weights = state["feed"], [], []
             for t in range(embedded.size(1)):
                 inputs = torch.cat([embedded[:, t], feed], dim=-1)[:, None]  # (B, 1, 2E)
                 outputs, hidden = run_recurrent(self.decoder, inputs, hidden)
-                steps.append(self._attend(outputs, state))
-                feed = steps[-1][0][:, 0]  # (B, E)
+                vector, weights = self._attend(outputs, state)  # (B, 1, E), (B, 1, S)
+                all_vectors.append(vector)
+                all_weights.append(weights)
+                feed = vector[:, 0]  # (B, E)
             new["feed"] = feed
-            vectors, weights = (torch.cat(parts, dim=1) for parts in zip(*steps))
+            vectors, weights = torch.cat(all_vectors, dim=1), torch.cat(all_weights, dim=1)
         else:
             outputs, hidden = run_recurrent(self.decoder, embedded, hidden)  # (B, T, H)
             vectors, weights = self._attend(outputs, state)

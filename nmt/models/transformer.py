@@ -212,6 +212,8 @@ class Transformer(Seq2Seq):
             nn.init.normal_(table.weight, std=self.config.d_model**-0.5)
             with torch.no_grad():
                 table.weight[table.padding_idx].zero_()
+        if self.config.positions == "learned":  # as fairseq: weaker than the scaled token embeddings
+            nn.init.normal_(self.learned_positions.weight, std=self.config.d_model**-0.5)
 
     def _embed(self, table: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
         """tokens (B, T) at positions offset.. -> scaled embeddings plus positions, (B, T, D)."""
