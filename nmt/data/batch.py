@@ -21,7 +21,7 @@ Example = tuple[Sequence[int], Sequence[int]]
 
 def source_ids(ids: Sequence[int]) -> list[int]:
     """The model input for a source sentence's subword ids: the ids, then EOS."""
-    return [int(i) for i in ids] + [EOS_ID]
+    return [*np.asarray(ids, dtype=np.int64).tolist(), EOS_ID]
 
 
 def encode_source(tokenizer: Tokenizer, text: str) -> list[int]:
