@@ -10,6 +10,8 @@ import typer
 from cli.evaluate import evaluate
 from cli.prepare import prepare
 from cli.tokenizer import tokenizer
+from cli.train import train
+from cli.translate import average, translate
 from nmt import __version__
 
 app = typer.Typer(
@@ -40,6 +42,9 @@ def root(
 
 app.command(name="tokenizer")(tokenizer)
 app.command(name="prepare")(prepare)
+app.command(name="train")(train)
+app.command(name="translate")(translate)
+app.command(name="average")(average)
 app.command(name="eval")(evaluate)
 
 

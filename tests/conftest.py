@@ -50,3 +50,25 @@ def multi30k() -> Path:
     if not (MULTI30K / "train.en").is_file():
         pytest.skip("Multi30k data not present")
     return MULTI30K
+
+
+@pytest.fixture(scope="session")
+def toy_data(corpus_dir: Path, joint_spm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The toy corpus prepared with the joint tokenizer: train and valid splits."""
+    from nmt.data import Sources, TextFiles, prepare
+    from nmt.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(joint_spm)
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    sources = Sources(
+        train=TextFiles(corpus_dir / "train.en", corpus_dir / "train.de"),
+        valid=TextFiles(corpus_dir / "valid.en", corpus_dir / "valid.de"),
+    )
+    prepare(out, sources, (tok, tok))
+    return out
+
+
+TINY_TRANSFORMER = [
+    "model.d_model=32", "model.heads=2", "model.ffn_dim=64", "model.enc_layers=1", "model.dec_layers=1",
+    "train.max_tokens=600", "train.warmup=4", "train.lr=0.003", "train.log_every=1", "train.threads=1",
+]

@@ -1,0 +1,145 @@
+"""`nmt translate` and `nmt average`: decoding with one checkpoint file, and checkpoint averaging."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+from cli.common import err_console, handle_errors, reporting, summary_table
+from nmt.checkpoint import average_checkpoints, load_checkpoint
+from nmt.config import DecodeConfig
+from nmt.errors import NmtError
+from nmt.io import atomic_path, check_readable, count_lines
+from nmt.translate import Translation, Translator, read_chunks
+
+
+def format_lines(first_line: int, results: list[list[Translation]], nbest: bool, scores: bool) -> str:
+    """One line per input (or `nbest` lines: index<TAB>score<TAB>text, index counting from 0)."""
+    out = []
+    for offset, hypotheses in enumerate(results):
+        if nbest:
+            out.extend(f"{first_line - 1 + offset}\t{h.score:.4f}\t{h.text}" for h in hypotheses)
+        elif scores:
+            out.append(f"{hypotheses[0].score:.4f}\t{hypotheses[0].text}")
+        else:
+            out.append(hypotheses[0].text)
+    return "".join(line + "\n" for line in out)
+
+
+def decode_options(base: DecodeConfig, **given: Any) -> DecodeConfig:
+    """The checkpoint's decoding options with those given on the command line replacing them."""
+    known = {f.name for f in fields(DecodeConfig)}
+    return replace(base, **{k: v for k, v in given.items() if v is not None and k in known})
+
+
+def build_translator(model: Path, options: dict[str, Any], device: str, precision: str, quantize: str,
+                     threads: int, batch_tokens: int) -> Translator:
+    """Load a checkpoint into a Translator, warnings to stderr (shared by translate and eval)."""
+    checkpoint = load_checkpoint(model)
+    decode = decode_options(checkpoint.config.decode, **options)
+    if decode.beam < 1 or decode.nbest < 1:
+        raise NmtError("--beam and --nbest must be at least 1")
+    if decode.nbest > decode.beam and not decode.sampling:
+        raise NmtError(f"--nbest {decode.nbest} needs --beam of at least {decode.nbest}")
+    return Translator(
+        checkpoint, decode=decode, device=device, precision=precision, quantize=quantize, threads=threads,
+        batch_tokens=batch_tokens, warn=lambda message: err_console.print(f"warning: {message}", highlight=False, markup=False),
+    )
+
+
+@handle_errors
+def translate(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file (from nmt train or nmt average).")],
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
+    beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Length penalty exponent; 0 turns it off.")] = None,
+    length_penalty: Annotated[str | None, typer.Option(help="gnmt: ((5+len)/6)^alpha, or average: len^alpha (EOS counts in len).")] = None,
+    nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation.")] = None,
+    scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
+    max_len_a: Annotated[float | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None,
+    max_len_b: Annotated[int | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None,
+    min_len: Annotated[int | None, typer.Option(help="Never end a translation before this many tokens.")] = None,
+    ban_unk: Annotated[bool | None, typer.Option("--ban-unk/--allow-unk", help="Never produce <unk>.")] = None,
+    early_stop: Annotated[bool | None, typer.Option("--early-stop/--exact", help="Stop a sentence once beam hypotheses finished (faster, may miss the best).")] = None,
+    sampling: Annotated[bool | None, typer.Option("--sample/--no-sample", help="Sample instead of searching.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of tokens with this much probability.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = 6000,
+    buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = 2000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (GPU) or auto.")] = "fp32",
+    quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none",
+    threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0,
+    errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
+) -> None:
+    """Translate text with a checkpoint: stdin to stdout, or between files."""
+    if errors not in ("strict", "replace"):
+        raise NmtError(f"--errors must be strict or replace, got {errors!r}")
+    if buffer_size < 1 or batch_tokens < 1:
+        raise NmtError("--buffer-size and --batch-tokens must be positive")
+    options = dict(beam=beam, alpha=alpha, length_penalty=length_penalty, nbest=nbest, max_len_a=max_len_a,
+                   max_len_b=max_len_b, min_len=min_len, ban_unk=ban_unk, early_stop=early_stop, sampling=sampling,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    translator = build_translator(model, options, device, precision, quantize, threads, batch_tokens)
+    show_nbest = (nbest or 0) > 1
+    start = time.perf_counter()
+    if input is None:
+        _translate_stream(translator, sys.stdin.buffer, sys.stdout, buffer_size, errors, show_nbest, scores)
+        return
+    check_readable(input)
+    total = count_lines(input)
+    with open(input, "rb") as source, reporting() as reporter:
+        advance = reporter.task("translating", total, "sentences")
+        if output is None:
+            lines = _translate_stream(translator, source, sys.stdout, buffer_size, errors, show_nbest, scores, advance, str(input))
+        else:
+            with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+                lines = _translate_stream(translator, source, sink, buffer_size, errors, show_nbest, scores, advance, str(input))
+    seconds = time.perf_counter() - start
+    err_console.print(summary_table("Translation", [
+        ("sentences", lines), ("time", f"{seconds:.1f} s"), ("sentences/s", f"{lines / max(seconds, 1e-9):.1f}"),
+        ("beam", translator.decode.beam), ("output", str(output or "stdout")),
+    ]))
+
+
+def _translate_stream(translator: Translator, source: IO[bytes], sink: IO[str], buffer_size: int, errors: str,
+                      nbest: bool, scores: bool, advance: Any = None, name: str = "stdin") -> int:
+    done = 0
+    for first, chunk in read_chunks(source, buffer_size, errors, name):
+        results = translator.translate_nbest(chunk, first_line=first)
+        sink.write(format_lines(first, results, nbest, scores))
+        sink.flush()
+        done += len(chunk)
+        if advance is not None:
+            advance(len(chunk))
+    return done
+
+
+@handle_errors
+def average(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average, or one run directory with --last.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Averaged checkpoint, without training state.")],
+    last: Annotated[int, typer.Option(help="With a run directory: average its last N update checkpoints.")] = 0,
+) -> None:
+    """Average the parameters of checkpoints into one deployable checkpoint (one file = export)."""
+    paths = list(checkpoints)
+    if last:
+        if len(paths) != 1 or not paths[0].is_dir():
+            raise NmtError("--last N takes exactly one run directory")
+        found = sorted(paths[0].glob("update_*.pt"))
+        if not found:
+            raise NmtError(f"{paths[0]}: no update_*.pt checkpoints")
+        paths = found[-last:]
+    averaged = average_checkpoints(paths)
+    averaged.save(output)
+    err_console.print(summary_table("Averaged checkpoint", [
+        ("inputs", "\n".join(str(p) for p in paths)), ("output", str(output)),
+    ]))

@@ -1,0 +1,102 @@
+"""Data parallelism through torchrun and DistributedDataParallel, or nothing at all.
+
+`Distributed.from_environment()` reads the variables torchrun sets (RANK,
+WORLD_SIZE, LOCAL_RANK); without them every method is a cheap no-op, so the
+trainer has one code path for one process and for many.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from nmt.errors import NmtError
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> Distributed:
+        """Join the process group torchrun describes: NCCL on GPUs, gloo on CPUs."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            if local_rank >= torch.cuda.device_count():
+                raise NmtError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s)")
+            device, backend = torch.device("cuda", local_rank), "nccl"
+            torch.cuda.set_device(device)
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP-wrap the model; DDP also copies rank 0's parameters to every rank."""
+        if not self.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce for all but the last batch of an accumulated update."""
+        if self.enabled and skip:
+            return model.no_sync()  # type: ignore[operator]
+        return contextlib.nullcontext()
+
+    def _reduce(self, value: float, dtype: torch.dtype, op: Any = dist.ReduceOp.SUM) -> Any:
+        tensor = torch.tensor([value], dtype=dtype, device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.item()
+
+    def sum_int(self, value: int) -> int:
+        return int(self._reduce(value, torch.int64)) if self.enabled else value
+
+    def sum_float(self, value: float) -> float:
+        return float(self._reduce(value, torch.float64)) if self.enabled else value
+
+    def any_true(self, flag: bool) -> bool:
+        """One rank's decision (e.g. a time limit) becomes every rank's, so none waits forever."""
+        return bool(self._reduce(int(flag), torch.int64, dist.ReduceOp.MAX)) if self.enabled else flag
+
+    def broadcast_object(self, value: Any) -> Any:
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, value: Any) -> list[Any]:
+        """Every rank's value, on every rank (used for per-rank RNG states)."""
+        if not self.enabled:
+            return [value]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
