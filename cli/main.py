@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
+from cli.attention import attention
 from cli.evaluate import evaluate
+from cli.plot import plot
 from cli.prepare import prepare
 from cli.tokenizer import tokenizer
 from cli.train import train
@@ -46,6 +48,8 @@ app.command(name="train")(train)
 app.command(name="translate")(translate)
 app.command(name="average")(average)
 app.command(name="eval")(evaluate)
+app.command(name="attention")(attention)
+app.command(name="plot")(plot)
 
 
 def main() -> None:

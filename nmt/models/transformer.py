@@ -79,7 +79,7 @@ class CrossAttention(nn.Module):
         return split_heads(self.kv(memory), 2, self.heads)
 
     def forward(self, x: Tensor, kv: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, D), kv (B, 2, H, S, Dh), mask (B, 1, 1, S) -> output (B, T, D) and head-averaged weights (B, T, S)."""
+        """x (B, T, D), kv (B, 2, H, S, Dh), mask (B, 1, 1, S) -> output (B, T, D) and weights (B, H, T, S) if asked."""
         q = split_heads(self.q(x), 1, self.heads)[:, 0]  # (B, H, T, Dh)
         dropout = self.dropout if self.training else 0.0
         if not need_weights:
@@ -88,7 +88,7 @@ class CrossAttention(nn.Module):
         scores = q @ kv[:, 0].transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         out = F.dropout(weights, dropout, self.training) @ kv[:, 1]  # (B, H, T, Dh)
-        return self.out(merge_heads(out)), weights.mean(dim=1)
+        return self.out(merge_heads(out)), weights
 
 
 class FeedForward(nn.Sequential):
@@ -147,7 +147,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """x (B, T, D); without a cache T is the whole target (causal), with one T is 1 new token.
 
-        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, T, S) if asked.
+        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, H, T, S) if asked.
         """
         out, kv = self.self_attn(self.res_self.inp(x), causal=cache is None, cache=cache)
         x = self.res_self.add(x, out)
@@ -243,16 +243,21 @@ class Transformer(Seq2Seq):
             x = layer(x, layer.cross_attn.keys_values(memory), mask, cache=None)[0]
         return self.output(self.decoder_norm(x))
 
-    def init_state(self, memory: Tensor, src_mask: Tensor, keep_attention: bool = False) -> State:
+    def init_state(self, memory: Tensor, src_mask: Tensor, keep_attention: bool = False,
+                   keep_heads: bool = False) -> State:
         """Cross-attention keys/values of every layer, (B, L, 2, H, S, Dh), computed once.
 
         With `keep_attention`, each step stores its cross-attention weights (averaged over heads)
-        under "attention", (B, L, S).
+        under "attention", (B, L, S); with `keep_heads` too, each head's under "attention_heads", (B, L, H, S).
         """
         cross = torch.stack([layer.cross_attn.keys_values(memory) for layer in self.decoder], dim=1)
         state = {"src_mask": src_mask, "cross_kv": cross}
         if keep_attention:
             state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
+        if keep_attention and keep_heads:
+            state["attention_heads"] = memory.new_zeros(
+                memory.size(0), len(self.decoder), self.config.heads, memory.size(1)
+            )
         return state
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
@@ -268,7 +273,9 @@ class Transformer(Seq2Seq):
             x, new[f"self_kv.{i}"], attn = layer(x, state["cross_kv"][:, i], mask, cache, need_weights=keep)
             weights.append(attn)
         if keep:
-            new["attention"] = torch.cat(weights, dim=1)  # (B, L, S)
+            new["attention"] = torch.cat([w.mean(dim=1) for w in weights], dim=1)  # (B, L, S)
+        if "attention_heads" in state:
+            new["attention_heads"] = torch.stack([w[:, :, 0] for w in weights], dim=1)  # (B, L, H, S)
         return log_probs(self.output(self.decoder_norm(x))[:, 0]), new
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
