@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +81,13 @@ class Translator:
         if quantize == "int8":
             if self.device.type != "cpu":
                 raise NmtError("--quantize int8 runs on the CPU only")
-            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():  # torch's deprecation notices would greet every run
+                warnings.simplefilter("ignore")
+                model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         self.model = model.to(self.device)
         self.src_tokenizer = checkpoint.src_tokenizer
         self.tgt_tokenizer = checkpoint.tgt_tokenizer
-        limit = getattr(self.model, "max_positions", None)
-        self.max_source_tokens = limit - 1 if limit else None  # room for the EOS encode_source appends
+        self.max_source_tokens: int | None = getattr(self.model, "max_positions", None)  # EOS included
 
     @classmethod
     def load(cls, path: Path, **options: object) -> Translator:
@@ -108,7 +110,7 @@ class Translator:
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             found = translate_ids(self.model, sources, self.decode, self.batch_tokens, self.device)
         for offset, hypotheses in zip(keep, found):
-            output[offset] = [Translation(self.tgt_tokenizer.decode(h.tokens), h.score, h.tokens) for h in hypotheses]
+            output[offset] = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens) for h in hypotheses]
         return output
 
     def _encode(self, text: str, line: int) -> list[int] | None:
@@ -119,6 +121,11 @@ class Translator:
             self.warn(f"line {line}: {len(ids)} tokens, truncated to the model's limit of {self.max_source_tokens}")
             ids = ids[: self.max_source_tokens - 1] + ids[-1:]
         return ids
+
+
+def one_line(text: str) -> str:
+    """Byte-fallback pieces can spell line breaks; one input line must stay one output line."""
+    return " ".join(text.split())
 
 
 def read_chunks(stream: IO[bytes], buffer_size: int, errors: str = "strict",

@@ -72,3 +72,27 @@ TINY_TRANSFORMER = [
     "model.d_model=32", "model.heads=2", "model.ffn_dim=64", "model.enc_layers=1", "model.dec_layers=1",
     "train.max_tokens=600", "train.warmup=4", "train.lr=0.003", "train.log_every=1", "train.threads=1",
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The last checkpoint of a tiny Transformer and a tiny GRU trained briefly on the toy data.
+
+    Each run directory also holds the checkpoint of its half-way update (for averaging).
+    Enough updates that greedy and beam outputs are non-empty and differ between sentences.
+    """
+    from nmt.config import Config, merge, parse_overrides
+    from nmt.train import Trainer
+
+    common = ["train.lr=0.01", "train.warmup=10", "model.dropout=0", "train.label_smoothing=0",
+              "train.valid_bleu=false", "train.best_metric=loss"]
+    rnn = ["model.arch=rnn", "model.cell=gru", "model.embed_dim=32", "model.hidden_size=32",
+           "model.enc_layers=1", "model.dec_layers=1"]
+    models = {}
+    for name, updates, extra in (("transformer", 200, []), ("gru", 40, rnn)):
+        run = tmp_path_factory.mktemp("runs") / name
+        config = Config()
+        merge(config, parse_overrides([*TINY_TRANSFORMER, *common, *extra, f'train.data="{toy_data}"', f'train.run_dir="{run}"',
+                                       f"train.max_updates={updates}", f"train.valid_every={updates // 2}"]))
+        models[name] = Trainer(config).train().last_checkpoint
+    return models

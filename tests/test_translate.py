@@ -1,0 +1,175 @@
+"""The Translator API with real tiny checkpoints: batch invariance, order, n-best, limits, int8, streaming input."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import nmt.translate
+from nmt.checkpoint import Checkpoint, load_checkpoint
+from nmt.data import encode_source, pad_sources
+from nmt.errors import NmtError
+from nmt.search import Hypothesis, beam_search
+from nmt.tokenizer import EOS_ID
+from nmt.translate import Translation, Translator, read_chunks, translate_ids
+from tests.conftest import make_parallel
+
+MODELS = ("transformer", "gru")
+SOURCES = make_parallel(24, seed=5)[0]
+
+
+def translator(checkpoint: Path | Checkpoint, **decode: object) -> Translator:
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1)
+
+
+def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]:
+    return [(r[0].text, r[0].tokens, r[0].score) for r in results]
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+@pytest.mark.parametrize("model", MODELS)
+def test_batch_invariance_and_order(tiny_models: dict[str, Path], model: str, beam: int) -> None:
+    tr = translator(tiny_models[model], beam=beam)
+    alone = [tr.translate_nbest([text])[0][0] for text in SOURCES]
+    texts = [t.text for t in alone]
+    assert all(texts) and len(set(texts)) > len(SOURCES) // 2  # a real test: outputs are varied, not empty
+    order = list(range(len(SOURCES)))
+    random.Random(beam).shuffle(order)
+    for batch_tokens in (4096, 40):  # one batch, and many small ones
+        tr.batch_tokens = batch_tokens
+        shuffled = tr.translate_nbest([SOURCES[i] for i in order])
+        for position, index in enumerate(order):
+            got = shuffled[position][0]
+            assert (got.text, got.tokens) == (alone[index].text, alone[index].tokens), index
+            assert got.score == pytest.approx(alone[index].score, abs=1e-4)
+
+
+def test_empty_inputs_give_empty_translations(tiny_models: dict[str, Path]) -> None:
+    tr = translator(tiny_models["transformer"], beam=5, nbest=3)
+    texts = ["", SOURCES[0], "   ", "\t", SOURCES[1], ""]
+    results = tr.translate_nbest(texts)
+    assert len(results) == len(texts)
+    for text, hypotheses in zip(texts, results):
+        if text.strip():
+            assert len(hypotheses) == 3 and hypotheses[0].text
+        else:
+            assert hypotheses == [Translation("", 0.0, [])]
+    assert tr.translate([]) == []
+    assert tr.translate(["", ""]) == ["", ""]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_nbest_sorted_with_scores_and_top_equals_one_best(tiny_models: dict[str, Path], model: str) -> None:
+    nbest = translator(tiny_models[model], beam=5, nbest=3).translate_nbest(SOURCES)
+    one = translator(tiny_models[model], beam=5, nbest=1).translate_nbest(SOURCES)
+    for hypotheses, single in zip(nbest, one):
+        assert len(hypotheses) == 3
+        scores = [h.score for h in hypotheses]
+        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+        assert len({tuple(h.tokens) for h in hypotheses}) == 3
+        assert all(h.tokens[-1] == EOS_ID for h in hypotheses)
+        assert (hypotheses[0].text, hypotheses[0].tokens) == (single[0].text, single[0].tokens)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_beam_of_one_equals_greedy(tiny_models: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = translator(tiny_models[model], beam=1)
+    greedy = best(tr.translate_nbest(SOURCES))
+    monkeypatch.setattr(nmt.translate, "search", beam_search)  # beam search itself with a beam of one
+    beam = best(tr.translate_nbest(SOURCES))
+    assert [(t, toks) for t, toks, _ in beam] == [(t, toks) for t, toks, _ in greedy]
+    assert [s for *_, s in beam] == pytest.approx([s for *_, s in greedy], abs=1e-5)
+
+
+def test_long_input_is_truncated_with_a_warning(tiny_models: dict[str, Path]) -> None:
+    ckpt = load_checkpoint(tiny_models["transformer"])
+    limit = 16
+    small = replace(ckpt, config=replace(ckpt.config, model=replace(ckpt.config.model, max_positions=limit)))
+    warnings: list[str] = []
+    tr = Translator(small, decode=replace(ckpt.config.decode, beam=3), device="cpu", threads=1, warn=warnings.append)
+    long = " ".join(make_parallel(40, seed=9)[0])  # hundreds of tokens
+    # a prefix of exactly `limit` tokens, EOS included, is not truncated
+    fits = next(long[:n] for n in range(len(long)) if len(encode_source(tr.src_tokenizer, long[:n])) == limit)
+    out = tr.translate_nbest(["a dog runs", long, fits], first_line=7)
+    length = len(encode_source(tr.src_tokenizer, long))
+    assert warnings == [f"line 8: {length} tokens, truncated to the model's limit of {limit}"]
+    assert [len(r) for r in out] == [1, 1, 1] and all(r[0].text for r in out)
+    assert all(len(r[0].tokens) <= limit for r in out)  # the output is bounded by the positions too
+    # the truncated line translates as its first limit - 1 tokens plus EOS
+    kept = encode_source(tr.src_tokenizer, long)[: limit - 1] + [EOS_ID]
+    with torch.inference_mode():
+        expected = translate_ids(tr.model, [kept], tr.decode, 4096, tr.device)[0][0]
+    assert out[1][0].tokens == expected.tokens
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_int8_runs_and_stays_close_to_fp32(tiny_models: dict[str, Path], model: str) -> None:
+    ckpt = load_checkpoint(tiny_models[model])
+    decode = replace(ckpt.config.decode, beam=1)
+    fp32 = Translator(ckpt, decode=decode, device="cpu", threads=1)
+    int8 = Translator(ckpt, decode=decode, device="cpu", threads=1, quantize="int8")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules())
+    src, src_mask = pad_sources([encode_source(fp32.src_tokenizer, s) for s in SOURCES])
+    tgt_in = src.clone()  # any token sequence will do: compare the two models' predictions on it
+    tgt_in[:, 0] = 2
+    with torch.inference_mode():
+        a = torch.log_softmax(fp32.model(src, src_mask, tgt_in).float(), -1)  # (B, T, V)
+        b = torch.log_softmax(int8.model(src, src_mask, tgt_in).float(), -1)
+    total_variation = (a.exp() - b.exp()).abs().sum(-1)[src_mask] / 2  # (real positions,)
+    assert total_variation.mean() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1))[src_mask].float().mean() > 0.95
+    out_fp32, out_int8 = fp32.translate(SOURCES), int8.translate(SOURCES)
+    assert len(out_int8) == len(SOURCES) and all(out_int8)
+    # greedy outputs of a barely trained model drift apart late in long outputs, but begin alike
+    assert sum(x.split()[:1] == y.split()[:1] for x, y in zip(out_fp32, out_int8)) >= 0.75 * len(SOURCES)
+
+
+def test_option_errors(tiny_models: dict[str, Path]) -> None:
+    ckpt = load_checkpoint(tiny_models["transformer"])
+    with pytest.raises(NmtError, match="unknown quantization 'int4'; choose one of none, int8"):
+        Translator(ckpt, device="cpu", quantize="int4")
+    with pytest.raises(NmtError, match="unknown precision 'fp8'"):
+        Translator(ckpt, device="cpu", precision="fp8")
+    with pytest.raises(NmtError, match="nbest 4 is larger than the beam size 2"):
+        translator(ckpt, beam=2, nbest=4).translate(["a man"])
+
+
+def test_line_breaks_never_reach_a_translation(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte-fallback pieces can spell a newline; one input line must still give one output line."""
+    tr = translator(tiny_models["transformer"], beam=1)
+    piece_ids = {tr.tgt_tokenizer.id_to_piece(i): i for i in range(tr.tgt_tokenizer.vocab_size)}
+    newline, carriage_return = piece_ids["<0x0A>"], piece_ids["<0x0D>"]
+    ein, hund = tr.tgt_tokenizer.encode("ein"), tr.tgt_tokenizer.encode("hund")
+    ids = [newline, carriage_return, *ein, newline, *hund, EOS_ID]
+    assert tr.tgt_tokenizer.decode(ids).count("\n") == 2
+
+    def scripted(model, sources, decode, batch_tokens, device):  # noqa: ANN001, ANN202
+        return [[Hypothesis(ids, -1.0, -1.0)] for _ in sources]
+
+    monkeypatch.setattr(nmt.translate, "translate_ids", scripted)
+    assert tr.translate(["a man"]) == ["ein hund"]
+
+
+def test_read_chunks_from_memory() -> None:
+    data = b"one\r\ntwo\n\nfour\nfive"  # CRLF, an empty line, no final newline
+    assert list(read_chunks(io.BytesIO(data), 2)) == [(1, ["one", "two"]), (3, ["", "four"]), (5, ["five"])]
+    assert list(read_chunks(io.BytesIO(b""), 2)) == []
+    bad = b"fine\n\xff\xfe\nok\n"
+    with pytest.raises(NmtError, match=r"^in.txt: line 2 is not valid UTF-8 \(byte 0\); use --errors replace"):
+        list(read_chunks(io.BytesIO(bad), 10, name="in.txt"))
+    assert list(read_chunks(io.BytesIO(bad), 10, errors="replace")) == [(1, ["fine", "\ufffd\ufffd", "ok"])]
+
+
+def test_read_chunks_from_a_pipe_fills_chunks_when_input_waits() -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a\nb\nc\n")
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as stream:
+        assert list(read_chunks(stream, 2)) == [(1, ["a", "b"]), (3, ["c"])]
