@@ -20,7 +20,7 @@ from nmt.models import Seq2Seq
 from nmt.models.transformer import Transformer
 from nmt.progress import SILENT, Reporter
 from nmt.tokenizer import BOS_ID, Tokenizer
-from nmt.translate import Translator, translate_ids
+from nmt.translate import Translator, one_line, translate_ids
 
 CHUNK = 32  # sentences translated and teacher-forced together
 
@@ -92,7 +92,7 @@ def attention_maps(translator: Translator, texts: Sequence[str], heads: bool = F
         attention = cross_attention(translator.model, sources, outputs, heads) if sources else []
         for (offset, src_ids), out, (weights, by_head) in zip(encoded, outputs, attention):
             maps.append(AttentionMap(
-                line=first_line + start + offset, text=chunk[offset], translation=translator.tgt_tokenizer.decode(out),
+                line=first_line + start + offset, text=chunk[offset], translation=one_line(translator.tgt_tokenizer.decode(out)),
                 source=pieces(translator.src_tokenizer, src_ids), target=pieces(translator.tgt_tokenizer, out),
                 weights=weights, heads=by_head,
             ))

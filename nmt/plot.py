@@ -56,11 +56,11 @@ def _panels(amap: AttentionMap) -> list[list[tuple[str, Tensor]]]:
     layers = amap.weights.size(0)
     rows = []
     for layer in range(layers):
-        name = f"layer {layer + 1}" if layers > 1 or amap.heads is not None else "attention"
-        row = [(f"{name}, heads averaged" if amap.heads is not None else name, amap.weights[layer])]
-        if amap.heads is not None:
-            row += [(f"layer {layer + 1}, head {h + 1}", amap.heads[layer, h]) for h in range(amap.heads.size(1))]
-        rows.append(row)
+        if amap.heads is None:
+            rows.append([(f"layer {layer + 1}" if layers > 1 else "attention", amap.weights[layer])])
+        else:
+            rows.append([(f"layer {layer + 1}, heads averaged", amap.weights[layer])]
+                        + [(f"layer {layer + 1}, head {h + 1}", amap.heads[layer, h]) for h in range(amap.heads.size(1))])
     return rows
 
 
@@ -68,8 +68,9 @@ def attention_png(amap: AttentionMap, path: Path) -> None:
     """One heatmap per layer (and per head if kept): source pieces across, output pieces down."""
     rows = _panels(amap)
     source, target = len(amap.source), len(amap.target)
-    width = len(rows[0]) * (source * CELL_INCHES + 1.6)
-    height = len(rows) * (target * CELL_INCHES + 1.6) + 0.8
+    label = 0.075  # inches per character of a tick label at font size 8
+    width = len(rows[0]) * (source * CELL_INCHES + 0.7 + label * max(map(len, amap.target))) + 1.2  # + colour bar
+    height = len(rows) * (target * CELL_INCHES + 0.9 + label * max(map(len, amap.source))) + 0.8  # + title
     figure = figure_class()(figsize=(max(width, 4.0), max(height, 3.0)), layout="constrained")
     axes = figure.subplots(len(rows), len(rows[0]), squeeze=False)
     for row, row_axes in zip(rows, axes):
@@ -104,8 +105,8 @@ def _table(title: str, matrix: Tensor, source: list[str], target: list[str]) -> 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 section{border-top:1px solid #ccc;padding-top:.5em;margin-top:1.5em}
-.text{margin:.2em 0}.text b{display:inline-block;width:6em;color:#555}
-.maps{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+.text{margin:.2em 0}.text b{display:inline-block;width:7em;color:#555}
+.maps{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start;margin-top:1em}
 figure{margin:0}figcaption{font-size:.85em;color:#555;margin-bottom:.3em}
 table{border-collapse:collapse;font-size:12px}
 td{width:18px;height:18px;min-width:18px;border:1px solid #eee;padding:0}
@@ -120,12 +121,15 @@ def attention_html(maps: Sequence[AttentionMap], path: Path, title: str = "Cross
     """Every sentence's heatmaps on one self-contained page (no script, no external file)."""
     sections = []
     for amap in maps:
-        tables = "".join(_table(name, matrix, amap.source, amap.target) for row in _panels(amap) for name, matrix in row)
+        layers = "".join(  # one line of maps per layer
+            "<div class=maps>" + "".join(_table(name, matrix, amap.source, amap.target) for name, matrix in row) + "</div>"
+            for row in _panels(amap)
+        )
         sections.append(
             f'<section id="line-{amap.line}"><h2>Line {amap.line}</h2>'
             f'<p class=text><b>source</b>{html.escape(printable(amap.text))}</p>'
             f'<p class=text><b>translation</b>{html.escape(printable(amap.translation))}</p>'
-            f'<div class=maps>{tables}</div></section>'
+            f'{layers}</section>'
         )
     index = " ".join(f'<a href="#line-{m.line}">{m.line}</a>' for m in maps)
     page = (

@@ -38,10 +38,11 @@ def test_maps_have_the_right_shape_and_rows_sum_to_one(joint_spm: Path, model: M
     translator = make_translator(joint_spm, model)
     maps = attention_maps(translator, TEXTS, heads=True)
     assert [m.line for m in maps] == [1, 3]  # the empty line has no map
-    expected = translator.translate([TEXTS[0], TEXTS[2]])
-    for amap, text, translation in zip(maps, [TEXTS[0], TEXTS[2]], expected):
+    expected = translator.translate_nbest([TEXTS[0], TEXTS[2]])
+    for amap, text, [best, *_] in zip(maps, [TEXTS[0], TEXTS[2]], expected):
         source = encode_source(translator.src_tokenizer, text)
-        assert amap.text == text and amap.translation == translation
+        assert amap.text == text and amap.translation == best.text
+        assert amap.target == [translator.tgt_tokenizer.id_to_piece(i) for i in best.tokens]
         assert amap.source == [translator.src_tokenizer.id_to_piece(i) for i in source]
         assert amap.source[-1] == amap.target[-1] == "</s>"
         assert amap.weights.shape == (layers, len(amap.target), len(source))
