@@ -26,7 +26,7 @@ from torch import nn
 from nmt.checkpoint import Checkpoint, load_checkpoint, write_bytes_atomic
 from nmt.config import Config, DecodeConfig, to_toml
 from nmt.data import PreparedData, TokenBatchSampler, collate, source_ids
-from nmt.device import autocast, autocast_dtype, resolve_device, set_threads
+from nmt.device import autocast, autocast_dtype, keep_freed_memory, resolve_device, set_threads
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.evaluate import corpus_scores
@@ -101,6 +101,7 @@ class Trainer:
         self.device = self.dist.device if self.dist.enabled else resolve_device(self.cfg.device)
         if self.device.type == "cpu":
             set_threads(self.cfg.threads)
+            keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
         self.monitor = monitor if (monitor is not None and self.dist.is_main) else _SilentMonitor()
         self.run_dir = Path(self.cfg.run_dir)

@@ -22,7 +22,7 @@ from torch import nn
 from nmt.checkpoint import Checkpoint, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source, pad_sources
-from nmt.device import autocast, autocast_dtype, resolve_device, set_threads
+from nmt.device import autocast, autocast_dtype, keep_freed_memory, resolve_device, set_threads
 from nmt.errors import NmtError
 from nmt.models import Seq2Seq, build_model
 from nmt.search import Hypothesis, search
@@ -72,6 +72,7 @@ class Translator:
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             set_threads(threads)
+            keep_freed_memory()
         self.amp_dtype = autocast_dtype(precision, self.device)
         self.batch_tokens = batch_tokens
         self.warn = warn or (lambda message: None)

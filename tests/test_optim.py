@@ -76,3 +76,23 @@ def test_label_smoothing_matches_hand_computation() -> None:
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     plain, _ = label_smoothed_loss(logits, target, 0.0)
     assert plain.item() == pytest.approx(expected_nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_gradient_equals_autograd_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50).to(dtype).requires_grad_()
+    target = torch.randint(4, 50, (3, 7))
+    target[0, 5:] = PAD_ID
+    target[2, 3:] = PAD_ID
+    loss, _ = label_smoothed_loss(logits, target, 0.2)
+    (loss * 0.5).backward()
+    ours, logits.grad = logits.grad.clone(), None
+    reference = torch.nn.functional.cross_entropy(
+        logits.float().view(-1, 50), target.view(-1), ignore_index=PAD_ID, label_smoothing=0.2, reduction="sum"
+    )
+    (reference * 0.5).backward()
+    assert ours.dtype == dtype
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.allclose(ours.float(), logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert ours[0, 5:].abs().max() == 0  # padding positions get no gradient
