@@ -1,4 +1,4 @@
-"""`nmt eval`: sacreBLEU scores of a hypothesis file (or stdin) against references."""
+"""`nmt eval`: sacreBLEU scores of a hypothesis file (or stdin, or a model's translations) against references."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import console, handle_errors, reporting
+from cli.translate import DecodingOptions, with_decoding_options
 from nmt.errors import NmtError
+from nmt.io import atomic_path
 from nmt.evaluate import (
     AR_TRIALS,
     BOOTSTRAP_SAMPLES,
@@ -35,6 +37,7 @@ from nmt.evaluate import (
 )
 
 STDIN = "<stdin>"
+CHUNK_LINES = 2000  # sentences translated between progress updates
 
 
 def _read_hypotheses(hyp: Path | None) -> list[str]:
@@ -43,6 +46,37 @@ def _read_hypotheses(hyp: Path | None) -> list[str]:
     if sys.stdin.isatty():
         raise NmtError("no --hyp given and stdin is a terminal: pass --hyp FILE or pipe hypotheses in")
     return read_stream(sys.stdin.buffer, STDIN)
+
+
+def _check_hypothesis_source(hyp: Path | None, model: Path | None, src: Path | None, hyp_out: Path | None) -> None:
+    """Hypotheses come from --hyp (or stdin), or from translating --src with --model: never both."""
+    if model is None:
+        if src is not None or hyp_out is not None:
+            raise NmtError("--src and --hyp-out need --model")
+        return
+    if hyp is not None:
+        raise NmtError("--hyp and --model exclude each other: score a file, or translate --src with a model")
+    if src is None:
+        raise NmtError("--model needs --src: the source sentences to translate")
+
+
+def _translate(model: Path, src: Path, hyp_out: Path | None, decoding: DecodingOptions,
+               named_refs: list[tuple[str, list[str]]]) -> list[str]:
+    """The best translation of every line of `src` (also written to `hyp_out` when given)."""
+    sources = read_text(src)
+    check_aligned([(str(src), sources), *named_refs])  # before the long part, not after
+    translator = decoding.translator(model)
+    hyps: list[str] = []
+    with reporting() as reporter:
+        advance = reporter.task("translating", len(sources), "sentences")
+        for start in range(0, len(sources), CHUNK_LINES):
+            results = translator.translate_nbest(sources[start:start + CHUNK_LINES], first_line=start + 1)
+            hyps.extend(best[0].text for best in results)
+            advance(len(results))
+    if hyp_out is not None:
+        with atomic_path(hyp_out) as tmp:
+            tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    return hyps
 
 
 def _scores_table(scores: dict[str, MetricScore]) -> Table:
@@ -117,6 +151,7 @@ def _json_payload(
 
 
 @handle_errors
+@with_decoding_options
 def evaluate(
     refs: Annotated[list[Path], typer.Option("--ref", "-r", help="Reference file, one sentence per line (repeat for several references).", show_default=False)],
     hyp: Annotated[Path | None, typer.Option("--hyp", help="Hypotheses (detokenised), one per line; read from stdin when absent.", show_default=False)] = None,
@@ -130,17 +165,29 @@ def evaluate(
     sentence: Annotated[bool, typer.Option("--sentence", help="Also score every line (BLEU with effective order).")] = False,
     worst_n: Annotated[int, typer.Option("--worst", help="Show only the N worst lines by the first metric (implies --sentence).", show_default=False)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
+    model: Annotated[Path | None, typer.Option("--model", "-m", help="Translate --src with this checkpoint and score the result (decoding options as in nmt translate).", show_default=False)] = None,
+    src: Annotated[Path | None, typer.Option("--src", "-s", help="With --model: the source sentences, one per line.", show_default=False)] = None,
+    hyp_out: Annotated[Path | None, typer.Option("--hyp-out", help="With --model: also write the hypotheses to this file.", show_default=False)] = None,
+    *,
+    decoding: DecodingOptions,
 ) -> None:
-    """Score translations with sacreBLEU (BLEU, chrF, chrF++, TER); compare with a baseline."""
+    """Score translations with sacreBLEU (BLEU, chrF, chrF++, TER); compare with a baseline.
+
+    With --model, translate --src first and score that, in one go.
+    """
     names = parse_metrics(metrics)
     check_tokenizer(tokenize)
     if worst_n < 0:
         raise NmtError(f"--worst must be 1 or more, got {worst_n}")
-    hyps = _read_hypotheses(hyp)
-    hyp_name = str(hyp) if hyp is not None else STDIN
+    _check_hypothesis_source(hyp, model, src, hyp_out)
     references = [read_text(r) for r in refs]
+    named_refs = [(str(r), lines) for r, lines in zip(refs, references)]
+    if model is not None and src is not None:
+        hyps, hyp_name = _translate(model, src, hyp_out, decoding, named_refs), str(hyp_out or model)
+    else:
+        hyps, hyp_name = _read_hypotheses(hyp), str(hyp) if hyp is not None else STDIN
     baseline_hyps = read_text(baseline) if baseline is not None else None
-    named = [(hyp_name, hyps), *((str(r), lines) for r, lines in zip(refs, references))]
+    named = [(hyp_name, hyps), *named_refs]
     check_aligned(named + ([(str(baseline), baseline_hyps)] if baseline_hyps is not None else []))
     options = {"metrics": names, "tokenize": tokenize, "lowercase": lowercase}
 

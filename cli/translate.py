@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import io
 import sys
 import time
-from dataclasses import fields, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
@@ -16,6 +20,8 @@ from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.io import atomic_path, check_readable, count_lines
 from nmt.translate import Translation, Translator, read_chunks
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def format_lines(first_line: int, results: list[list[Translation]], nbest: bool, scores: bool) -> str:
@@ -52,54 +58,90 @@ def build_translator(model: Path, options: dict[str, Any], device: str, precisio
     )
 
 
+@dataclass
+class DecodingOptions:
+    """Search and runtime options shared by `nmt translate` and `nmt eval -m`.
+
+    Search options left at None keep the value stored in the checkpoint.
+    """
+
+    beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None
+    alpha: Annotated[float | None, typer.Option(help="Length penalty exponent; 0 turns it off.")] = None
+    length_penalty: Annotated[str | None, typer.Option(help="gnmt: ((5+len)/6)^alpha, or average: len^alpha (EOS counts in len).")] = None
+    max_len_a: Annotated[float | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None
+    max_len_b: Annotated[int | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None
+    min_len: Annotated[int | None, typer.Option(help="Never end a translation before this many tokens.")] = None
+    ban_unk: Annotated[bool | None, typer.Option("--ban-unk/--allow-unk", help="Never produce <unk>.")] = None
+    early_stop: Annotated[bool | None, typer.Option("--early-stop/--exact", help="Stop a sentence once beam hypotheses finished (faster, may miss the best).")] = None
+    sampling: Annotated[bool | None, typer.Option("--sample/--no-sample", help="Sample instead of searching.")] = None
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = None
+    top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of tokens with this much probability.")] = None
+    sample_seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None
+    batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = 6000
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto"
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (GPU) or auto.")] = "fp32"
+    quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none"
+    threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0
+
+    def translator(self, model: Path, nbest: int | None = None) -> Translator:
+        """Load `model` with these options (`nbest` only matters to nmt translate)."""
+        if self.batch_tokens < 1:
+            raise NmtError("--batch-tokens must be positive")
+        search = {**asdict(self), "seed": self.sample_seed, "nbest": nbest}  # decode_options keeps DecodeConfig's fields
+        return build_translator(model, search, self.device, self.precision, self.quantize, self.threads, self.batch_tokens)
+
+
+def with_decoding_options(command: F) -> F:
+    """Give a Typer command every DecodingOptions field as an option; it receives them as `decoding`.
+
+    Typer reads options from the signature, so the shared options are declared once, in
+    DecodingOptions, rather than repeated in every command that decodes.
+    """
+    hints = get_type_hints(DecodingOptions, include_extras=True)
+    shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+              for f in fields(DecodingOptions)]
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "decoding"]
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> Any:
+        decoding = DecodingOptions(**{f.name: options.pop(f.name) for f in fields(DecodingOptions)})
+        return command(decoding=decoding, **options)
+
+    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
 @handle_errors
+@with_decoding_options
 def translate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file (from nmt train or nmt average).")],
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
-    beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Length penalty exponent; 0 turns it off.")] = None,
-    length_penalty: Annotated[str | None, typer.Option(help="gnmt: ((5+len)/6)^alpha, or average: len^alpha (EOS counts in len).")] = None,
     nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation.")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
-    max_len_a: Annotated[float | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None,
-    max_len_b: Annotated[int | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None,
-    min_len: Annotated[int | None, typer.Option(help="Never end a translation before this many tokens.")] = None,
-    ban_unk: Annotated[bool | None, typer.Option("--ban-unk/--allow-unk", help="Never produce <unk>.")] = None,
-    early_stop: Annotated[bool | None, typer.Option("--early-stop/--exact", help="Stop a sentence once beam hypotheses finished (faster, may miss the best).")] = None,
-    sampling: Annotated[bool | None, typer.Option("--sample/--no-sample", help="Sample instead of searching.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of tokens with this much probability.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = 6000,
     buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = 2000,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (GPU) or auto.")] = "fp32",
-    quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none",
-    threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0,
     errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
+    *,
+    decoding: DecodingOptions,
 ) -> None:
     """Translate text with a checkpoint: stdin to stdout, or between files."""
     if errors not in ("strict", "replace"):
         raise NmtError(f"--errors must be strict or replace, got {errors!r}")
-    if buffer_size < 1 or batch_tokens < 1:
-        raise NmtError("--buffer-size and --batch-tokens must be positive")
-    options = dict(beam=beam, alpha=alpha, length_penalty=length_penalty, nbest=nbest, max_len_a=max_len_a,
-                   max_len_b=max_len_b, min_len=min_len, ban_unk=ban_unk, early_stop=early_stop, sampling=sampling,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    translator = build_translator(model, options, device, precision, quantize, threads, batch_tokens)
+    if buffer_size < 1:
+        raise NmtError("--buffer-size must be positive")
+    translator = decoding.translator(model, nbest)
     show_nbest = (nbest or 0) > 1
     start = time.perf_counter()
     if input is None:
-        _translate_stream(translator, sys.stdin.buffer, sys.stdout, buffer_size, errors, show_nbest, scores)
+        _translate_stream(translator, sys.stdin.buffer, _utf8_stdout(), buffer_size, errors, show_nbest, scores)
         return
     check_readable(input)
     total = count_lines(input)
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")
         if output is None:
-            lines = _translate_stream(translator, source, sys.stdout, buffer_size, errors, show_nbest, scores, advance, str(input))
+            lines = _translate_stream(translator, source, _utf8_stdout(), buffer_size, errors, show_nbest, scores, advance, str(input))
         else:
             with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
                 lines = _translate_stream(translator, source, sink, buffer_size, errors, show_nbest, scores, advance, str(input))
@@ -108,6 +150,13 @@ def translate(
         ("sentences", lines), ("time", f"{seconds:.1f} s"), ("sentences/s", f"{lines / max(seconds, 1e-9):.1f}"),
         ("beam", translator.decode.beam), ("output", str(output or "stdout")),
     ]))
+
+
+def _utf8_stdout() -> IO[str]:
+    """Input is read as UTF-8 whatever the locale, so translations are written as UTF-8 too."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(encoding="utf-8")
+    return sys.stdout
 
 
 def _translate_stream(translator: Translator, source: IO[bytes], sink: IO[str], buffer_size: int, errors: str,
@@ -131,6 +180,8 @@ def average(
 ) -> None:
     """Average the parameters of checkpoints into one deployable checkpoint (one file = export)."""
     paths = list(checkpoints)
+    if last < 0:
+        raise NmtError(f"--last must be 1 or more, got {last}")
     if last:
         if len(paths) != 1 or not paths[0].is_dir():
             raise NmtError("--last N takes exactly one run directory")

@@ -171,6 +171,46 @@ def test_tokenizer_missing_its_extras_as_subprocess(files: dict[str, Path]) -> N
 def test_help_lists_the_options() -> None:
     result = runner.invoke(app, ["eval", "--help"])
     assert result.exit_code == 0
-    for option in ("--hyp", "--ref", "--metrics", "--tokenize", "--lowercase", "--baseline", "--sentence", "--worst", "--json", "--seed"):
+    for option in ("--hyp", "--ref", "--metrics", "--tokenize", "--lowercase", "--baseline", "--sentence", "--worst", "--json", "--seed",
+                   "--model", "--src", "--hyp-out", "--beam", "--alpha", "--batch-tokens", "--device", "--precision", "--quantize",
+                   "--sample-seed"):
         assert option in result.stdout
-    assert "--model" not in result.stdout
+
+
+def test_model_translates_and_scores_like_translate_then_eval(tiny_models: dict[str, Path], corpus_dir: Path, tmp_path: Path) -> None:
+    src, ref = corpus_dir / "valid.en", corpus_dir / "valid.de"
+    decoding = ["--beam", "3", "--alpha", "1.0", "--batch-tokens", "200", "--device", "cpu", "--threads", "1"]
+    checkpoint = str(tiny_models["gru"])
+    one_go = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--metrics", "bleu,chrf", "--hyp-out", str(tmp_path / "h.txt"), *decoding)
+    translated = runner.invoke(app, ["translate", "-m", checkpoint, "-i", str(src), "-o", str(tmp_path / "t.txt"), *decoding])
+    assert translated.exit_code == 0, translated.output
+    assert (tmp_path / "h.txt").read_text(encoding="utf-8") == (tmp_path / "t.txt").read_text(encoding="utf-8")
+    two_steps = run_json("--hyp", str(tmp_path / "t.txt"), "-r", str(ref), "--metrics", "bleu,chrf")
+    assert one_go["scores"] == two_steps["scores"] and one_go["lines"] == 40
+    assert one_go["hyp"] == str(tmp_path / "h.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.txt", "t.txt"]
+    # the decoding options reach the model: greedy search gives other hypotheses than this beam
+    greedy = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--beam", "1", "--device", "cpu", "--threads", "1")
+    assert greedy["hyp"] == checkpoint and greedy["scores"]["bleu"]["details"] != one_go["scores"]["bleu"]["details"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "{model}", "--hyp", "{hyp}"], "--hyp and --model exclude each other"),
+        (["-m", "{model}"], "--model needs --src: the source sentences to translate"),
+        (["--src", "{hyp}", "--hyp", "{hyp}"], "--src and --hyp-out need --model"),
+        (["--hyp", "{hyp}", "--hyp-out", "{out}"], "--src and --hyp-out need --model"),
+        (["-m", "{model}", "--src", "{short}"], "line counts differ: {short} has 3 lines, {ref} has 4"),
+        (["-m", "{missing}", "--src", "{hyp}"], "{missing}: no such checkpoint"),
+        (["-m", "{model}", "--src", "{hyp}", "--quantize", "int4"], "unknown quantization 'int4'"),
+    ],
+)
+def test_model_errors(files: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    names = {**{k: str(v) for k, v in files.items()}, "model": str(tiny_models["transformer"]), "out": str(tmp_path / "out.txt"),
+             "missing": str(tmp_path / "missing.pt"), "short": str(write(tmp_path / "short.txt", HYPS[:3]))}
+    result = runner.invoke(app, ["eval", *(a.format(**names) for a in args), "-r", str(files["ref"]), "--threads", "1"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message.format(**names) in lines[0], result.stderr
+    assert isinstance(result.exception, SystemExit) and not (tmp_path / "out.txt").exists()
