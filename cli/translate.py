@@ -118,7 +118,7 @@ def translate(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file (from nmt train or nmt average).")],
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
-    nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation.")] = None,
+    nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation (index from 0; an empty line has one, empty).")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
     buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = 2000,
     errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
