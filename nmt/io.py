@@ -79,6 +79,12 @@ def ensure_writable_dir(directory: Path) -> None:
         raise NmtError(f"{directory}: directory is not writable")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Give a temporary path beside `path`; rename it onto `path` only on success."""
@@ -87,6 +93,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -102,6 +109,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
         raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
     ensure_writable_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
