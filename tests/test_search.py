@@ -379,7 +379,7 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
         search(ToyModel(vocab=6), src, mask, DecodeConfig(**options))
 
 
-@pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("rnn", 1.0), ("rnn", 2.0)])
+@pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("lstm", 1.0), ("lstm", 2.0), ("gru", 2.0), ("rnn", 2.0)])
 def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     """A small random model of each architecture, in eval mode; random models run to the length limit
     unless the EOS output row is scaled up (x2 gives a mix of short and long outputs)."""
@@ -387,8 +387,9 @@ def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     from nmt.models import build_model
 
     torch.manual_seed(17)
+    arch, cell = ("transformer", "lstm") if request.param[0] == "transformer" else ("rnn", request.param[0])
     config = ModelConfig(
-        arch=request.param[0], src_vocab_size=40, tgt_vocab_size=40, joint_vocab=True, enc_layers=2, dec_layers=2,
+        arch=arch, cell=cell, src_vocab_size=40, tgt_vocab_size=40, joint_vocab=True, enc_layers=2, dec_layers=2,
         d_model=32, heads=4, ffn_dim=64, embed_dim=32, hidden_size=32, max_positions=64,
     )
     model = build_model(config).eval()
