@@ -185,7 +185,7 @@ class Trainer:
             while not stop_reason:
                 batches = self.sampler.batches(progress.epoch)
                 for group in _groups(batches, progress.position, cfg.accum_steps):
-                    loss, nll, tokens = self._update(group)
+                    loss, nll, tokens = self.update(group)
                     progress.update += 1
                     progress.position += len(group)
                     progress.target_tokens += tokens
@@ -231,7 +231,7 @@ class Trainer:
             last_validation=last_validation,
         )
 
-    def _update(self, group: list[list[int]]) -> tuple[float, float, int]:
+    def update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimiser update over `group` batches; returns summed loss, NLL and target tokens."""
         self.model.train()
         batches = [collate([self.train_split[i] for i in batch]) for batch in group]

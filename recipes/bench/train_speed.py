@@ -1,0 +1,111 @@
+"""Training throughput on prepared data: target tokens/s and model-FLOPs utilisation.
+
+    python recipes/bench/train_speed.py --data work/multi30k/data [--models transformer,lstm] [--updates 12]
+
+Runs the real `Trainer.update` (loss, backward, clipping, AdamW) on the reference
+models: the small Transformer (3+3 layers, d_model 256, 4 heads, FFN 1024) and the
+LSTM baseline of recipes/multi30k/lstm.toml, with 4,096-token batches. The
+matrix-product ceiling is timed before and after each measurement; a run during
+which it dropped by more than 15% is marked "noisy". Utilisation is reported two
+ways: the model's own FLOP count (3 × forward, `flops_per_token`) and 6 × parameters
+× tokens (the count fairseq comparisons use). bf16 runs only where the CPU has
+native bf16 instructions (or with --force-bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import machine, matmul_gflops, print_table, write_json
+from nmt.config import Config, merge, parse_overrides
+from nmt.device import cpu_has_fast_bf16
+from nmt.train import Trainer
+
+MODELS = {
+    "transformer": [],
+    "lstm": ["model.arch=rnn", "model.cell=lstm", "model.embed_dim=256", "model.hidden_size=512",
+             "model.enc_layers=2", "model.dec_layers=2", "model.dropout=0.3", "train.scheduler=plateau", "train.warmup=0"],
+}
+
+
+def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int) -> dict:
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = Config()
+        merge(config, parse_overrides([*MODELS[model], f'train.data="{data}"', f'train.run_dir="{run_dir}"',
+                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}"]))
+        trainer = Trainer(config)
+        batches = trainer.sampler.batches(1)
+        split = trainer.train_split
+        src_len = float(split.src_lengths.mean()) + 1
+        tgt_len = float(split.tgt_lengths.mean()) + 1
+        for group in batches[:warmup]:
+            trainer.update([group])
+        before = matmul_gflops()
+        times, tokens = [], []
+        for group in batches[warmup:warmup + updates]:
+            start = time.perf_counter()
+            _, _, count = trainer.update([group])
+            times.append(time.perf_counter() - start)
+            tokens.append(count)
+        after = matmul_gflops()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.update([batches[warmup + updates]])
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+        top = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        rate = sum(tokens) / sum(times)
+        model_flops = 3 * trainer.model.flops_per_token(round(src_len), round(tgt_len))
+        params = trainer.model.num_parameters()
+        ceiling = max(before, after)
+        return {
+            "model": model,
+            "precision": precision,
+            "parameters": params,
+            "tokens_per_s": rate,
+            "seconds_per_update": statistics.median(times),
+            "model_gflops": rate * model_flops / 1e9,
+            "mfu_model_count": rate * model_flops / 1e9 / ceiling,
+            "gflops_6pt": rate * 6 * params / 1e9,
+            "mfu_6pt": rate * 6 * params / 1e9 / ceiling,
+            "ceiling_before": before,
+            "ceiling_after": after,
+            "note": "noisy" if after < 0.85 * before or before < 0.85 * after else "",
+            "profile": [{"op": e.key, "share": e.self_cpu_time_total / total} for e in top],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="directory written by nmt prepare")
+    parser.add_argument("--models", default="transformer,lstm")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--updates", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even without native bf16 instructions")
+    parser.add_argument("--out", type=Path, default=Path("work/bench/train_speed.json"))
+    args = parser.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        for precision in args.precisions.split(","):
+            if precision == "bf16" and not (cpu_has_fast_bf16() or args.force_bf16):
+                rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
+                continue
+            rows.append(measure(args.data, model, precision, args.updates, args.warmup, args.max_tokens))
+    print_table("Training throughput", rows, ["model", "precision", "parameters", "tokens_per_s", "seconds_per_update",
+                                              "model_gflops", "mfu_model_count", "gflops_6pt", "mfu_6pt",
+                                              "ceiling_before", "ceiling_after", "note"])
+    for row in rows:
+        if "profile" in row:
+            print(f"{row['model']} {row['precision']}: " + ", ".join(f"{p['op']} {p['share']:.0%}" for p in row["profile"]))
+    write_json(args.out, {"machine": machine(), "results": rows})
+
+
+if __name__ == "__main__":
+    main()
