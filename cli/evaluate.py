@@ -27,6 +27,7 @@ from nmt.evaluate import (
     SentenceScore,
     check_aligned,
     check_tokenizer,
+    moses_tokenize,
     compare,
     corpus_scores,
     parse_metrics,
@@ -158,6 +159,7 @@ def evaluate(
     metrics: Annotated[str, typer.Option("--metrics", help=f"Comma-separated metrics: {', '.join(METRICS)}.")] = "bleu",
     tokenize: Annotated[str, typer.Option(help=f"BLEU tokenizer: {', '.join(TOKENIZERS)} (ja-mecab/ko-mecab need sacrebleu's extras).")] = DEFAULT_TOKENIZER,
     lowercase: Annotated[bool, typer.Option("--lowercase", help="Case-insensitive BLEU and chrF (TER is case-insensitive anyway, as in sacreBLEU).")] = False,
+    moses: Annotated[str | None, typer.Option("--moses", help="Moses-tokenise hypotheses and references for this language and score BLEU on those tokens (tok:none): comparable with papers that report multi-bleu.perl on tokenised text. Needs nmt[moses].", show_default=False)] = None,
     baseline: Annotated[Path | None, typer.Option(help="Baseline hypotheses: run paired bootstrap and approximate randomisation against them.", show_default=False)] = None,
     bootstrap_samples: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals and the bootstrap p-value.")] = BOOTSTRAP_SAMPLES,
     ar_trials: Annotated[int, typer.Option(help="Approximate randomisation trials.")] = AR_TRIALS,
@@ -189,6 +191,11 @@ def evaluate(
     baseline_hyps = read_text(baseline) if baseline is not None else None
     named = [(hyp_name, hyps), *named_refs]
     check_aligned(named + ([(str(baseline), baseline_hyps)] if baseline_hyps is not None else []))
+    if moses is not None:
+        hyps = moses_tokenize(hyps, moses)
+        references = [moses_tokenize(lines, moses) for lines in references]
+        baseline_hyps = moses_tokenize(baseline_hyps, moses) if baseline_hyps is not None else None
+        tokenize = "none"
     options = {"metrics": names, "tokenize": tokenize, "lowercase": lowercase}
 
     comparisons = sentences = None

@@ -283,6 +283,16 @@ def compare(
     return results
 
 
+def moses_tokenize(lines: Sequence[str], lang: str) -> list[str]:
+    """Moses-tokenise lines, as the Multi30k papers do before multi-bleu.perl (needs the moses extra)."""
+    try:
+        from sacremoses import MosesTokenizer
+    except ImportError:
+        raise NmtError("--moses needs sacremoses: pip install 'nmt[moses]'") from None
+    tokenizer = MosesTokenizer(lang=lang)
+    return [tokenizer.tokenize(line, escape=False, return_str=True) for line in lines]
+
+
 def read_stream(stream: IO[bytes], name: str = "<stdin>") -> list[str]:
     """Lines of a binary stream (stdin) as strict UTF-8, naming the line of bad bytes."""
     lines = []

@@ -214,3 +214,14 @@ def test_model_errors(files: dict[str, Path], tiny_models: dict[str, Path], tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message.format(**names) in lines[0], result.stderr
     assert isinstance(result.exception, SystemExit) and not (tmp_path / "out.txt").exists()
+
+
+def test_moses_option_scores_moses_tokens_lowercased(files: dict[str, Path]) -> None:
+    pytest.importorskip("sacremoses")
+    from nmt.evaluate import moses_tokenize, read_text
+
+    payload = run_json("--hyp", str(files["hyp"]), "-r", str(files["ref"]), "--moses", "en", "--lowercase")
+    hyps, refs = moses_tokenize(read_text(files["hyp"]), "en"), moses_tokenize(read_text(files["ref"]), "en")
+    expected = corpus_scores(hyps, refs, metrics=("bleu",), tokenize="none", lowercase=True)["bleu"]
+    assert payload["scores"]["bleu"]["score"] == pytest.approx(expected.score)
+    assert "tok:none" in payload["scores"]["bleu"]["signature"] and "case:lc" in payload["scores"]["bleu"]["signature"]

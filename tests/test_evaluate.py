@@ -241,3 +241,17 @@ def test_tokenizer_without_its_extras_is_a_one_line_error() -> None:
 
 def test_read_stream_strips_newlines_and_keeps_blank_lines() -> None:
     assert read_stream(io.BytesIO("a b\r\n\nc ü\n".encode())) == ["a b", "", "c ü"]
+
+
+def test_moses_tokenised_bleu_matches_scoring_pretokenised_text() -> None:
+    pytest.importorskip("sacremoses")
+    from nmt.evaluate import moses_tokenize
+
+    assert moses_tokenize(['Ein Mann (mit Hut) sagt "hallo".'], "de") == ['Ein Mann ( mit Hut ) sagt " hallo " .']
+    hyps = ["Ein Mann (mit Hut) läuft.", "Zwei Hunde spielen im Schnee!"]
+    refs = ["Ein Mann (mit einem Hut) geht.", "Zwei Hunde spielen im Schnee."]
+    expected = sacrebleu.corpus_bleu(
+        [h.lower() for h in moses_tokenize(hyps, "de")], [[r.lower() for r in moses_tokenize(refs, "de")]], tokenize="none"
+    ).score
+    ours = corpus_scores(moses_tokenize(hyps, "de"), moses_tokenize(refs, "de"), metrics=("bleu",), tokenize="none", lowercase=True)
+    assert ours["bleu"].score == pytest.approx(expected)
