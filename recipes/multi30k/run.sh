@@ -65,14 +65,18 @@ for model in $models; do
   for ckpt in best averaged; do
     nmt translate -m "$run/$ckpt.pt" -i "$work/test.src" -o "$run/test.$ckpt.hyp"
     nmt eval --hyp "$run/test.$ckpt.hyp" --ref "$work/test.ref" --metrics bleu,chrf --json > "$run/test.$ckpt.json"
+    # As the Multi30k papers: Moses-tokenised, lowercased BLEU (multi-bleu.perl style).
+    nmt eval --hyp "$run/test.$ckpt.hyp" --ref "$work/test.ref" --moses de --lowercase --json > "$run/test.$ckpt.moses.json"
   done
   python - "$run" <<'PY'
 import json, sys
 run = sys.argv[1]
 for ckpt in ("best", "averaged"):
-    scores = json.load(open(f"{run}/test.{ckpt}.json"))["scores"].values()
-    print(f"   {run}/{ckpt}.pt  test2016: " + "  ".join(f"{s['name']} {s['score']:.2f}" for s in scores))
-    for s in scores:
+    scores = list(json.load(open(f"{run}/test.{ckpt}.json"))["scores"].values())
+    moses = json.load(open(f"{run}/test.{ckpt}.moses.json"))["scores"]["bleu"]
+    print(f"   {run}/{ckpt}.pt  test2016: " + "  ".join(f"{s['name']} {s['score']:.2f}" for s in scores)
+          + f"  (Moses-tokenised lowercased BLEU {moses['score']:.2f})")
+    for s in [*scores, moses]:
         print(f"      {s['name']}|{s['signature']}")
 PY
 done
