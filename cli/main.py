@@ -54,3 +54,7 @@ app.command(name="plot")(plot)
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
