@@ -45,15 +45,17 @@ def read_lines(path: Path, errors: str = "strict") -> Iterator[str]:
     try:
         with _open_binary(path) as handle:
             for number, raw in enumerate(handle, start=1):
-                try:
-                    line = raw.decode("utf-8", errors=errors)
-                except UnicodeDecodeError as exc:
-                    raise NmtError(
-                        f"{path}: line {number} is not valid UTF-8 (byte {exc.start})"
-                    ) from None
-                yield line.rstrip("\r\n")
+                yield decode_line(raw, number, str(path), errors).rstrip("\r\n")
     except (gzip.BadGzipFile, EOFError) as exc:
         raise NmtError(f"{path}: not a valid gzip file ({exc})") from None
+
+
+def decode_line(raw: bytes, number: int, name: str, errors: str = "strict", hint: str = "") -> str:
+    """Decode one line of UTF-8; an undecodable one is an NmtError naming the file and line."""
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        raise NmtError(f"{name}: line {number} is not valid UTF-8 (byte {exc.start}){hint}") from None
 
 
 def count_lines(path: Path) -> int:

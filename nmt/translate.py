@@ -24,6 +24,7 @@ from nmt.config import DecodeConfig
 from nmt.data import encode_source, pad_sources
 from nmt.device import autocast, autocast_dtype, keep_freed_memory, resolve_device, set_threads
 from nmt.errors import NmtError
+from nmt.io import decode_line
 from nmt.models import Seq2Seq, build_model
 from nmt.search import Hypothesis, search
 
@@ -140,12 +141,7 @@ def read_chunks(stream: IO[bytes], buffer_size: int, errors: str = "strict",
     chunk: list[str] = []
     first = 1
     for number, (raw, more_waiting) in enumerate(_raw_lines(stream), start=1):
-        try:
-            line = raw.decode("utf-8", errors=errors)
-        except UnicodeDecodeError as exc:
-            raise NmtError(
-                f"{name}: line {number} is not valid UTF-8 (byte {exc.start}); use --errors replace to continue"
-            ) from None
+        line = decode_line(raw, number, name, errors, hint="; use --errors replace to continue")
         chunk.append(line.rstrip("\r"))
         if len(chunk) >= buffer_size or not more_waiting:
             yield first, chunk
