@@ -29,14 +29,26 @@ class Seq2Seq(nn.Module):
     """Base class of every encoder-decoder; see the model interface in the design notes."""
 
     max_positions: int | None = None
+    # State entries computed from the encoder output alone: equal for every beam of a sentence.
+    sentence_keys: frozenset[str] = frozenset()
 
     def num_parameters(self) -> int:
         """Trainable parameters, each shared tensor counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def reorder_state(self, state: State, index: Tensor) -> State:
-        """Gather every batch-first tensor of the state along dim 0 (beam expansion, back-pointers, pruning)."""
-        return {key: value.index_select(0, index) if value.dim() else value for key, value in state.items()}
+        """Gather every batch-first tensor of the state along dim 0 (beam expansion, back-pointers, pruning).
+
+        Beam back-pointers move rows only among the beams of their own sentence; then the
+        per-sentence entries (encoder output, cross-attention keys/values) are already right
+        and are not copied, which saves most of the state traffic of a beam step.
+        """
+        sentence = state.get("sentence")
+        within = sentence is not None and index.numel() == sentence.numel() and torch.equal(sentence[index], sentence)
+        return {
+            key: value if not value.dim() or (within and key in self.sentence_keys) else value.index_select(0, index)
+            for key, value in state.items()
+        }
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
         raise NotImplementedError

@@ -81,6 +81,8 @@ class Attention(nn.Module):
 
 
 class RNNSeq2Seq(Seq2Seq):
+    sentence_keys = frozenset({"memory", "src_mask", "keys"})
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         check_choice("cell", config.cell, tuple(CELLS))
@@ -145,7 +147,8 @@ class RNNSeq2Seq(Seq2Seq):
         """
         outputs, final = memory
         batch, layers, size = outputs.size(0), self.config.dec_layers, self.config.hidden_size
-        state = {"memory": outputs, "src_mask": src_mask}
+        sentence = torch.arange(batch, device=outputs.device)  # (B,) which sentence a row belongs to
+        state = {"memory": outputs, "src_mask": src_mask, "sentence": sentence}
         for i, part in enumerate(final):
             state[f"hidden.{i}"] = (
                 torch.tanh(self.bridge[i](part)).view(batch, layers, size)  # (B, L, H)

@@ -167,6 +167,8 @@ def sinusoids(length: int, dim: int) -> Tensor:
 
 
 class Transformer(Seq2Seq):
+    sentence_keys = frozenset({"src_mask", "cross_kv"})
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         check_choice("norm", config.norm, ("pre", "post"))
@@ -251,7 +253,8 @@ class Transformer(Seq2Seq):
         under "attention", (B, L, S); with `keep_heads` too, each head's under "attention_heads", (B, L, H, S).
         """
         cross = torch.stack([layer.cross_attn.keys_values(memory) for layer in self.decoder], dim=1)
-        state = {"src_mask": src_mask, "cross_kv": cross}
+        sentence = torch.arange(memory.size(0), device=memory.device)  # (B,) which sentence a row belongs to
+        state = {"src_mask": src_mask, "cross_kv": cross, "sentence": sentence}
         if keep_attention:
             state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
         if keep_attention and keep_heads:
@@ -266,7 +269,7 @@ class Transformer(Seq2Seq):
         x = self._embed(self.embed.tgt, tokens[:, None], offset=position)  # (B, 1, D)
         mask = state["src_mask"][:, None, None, :]
         keep = "attention" in state
-        new: State = {"src_mask": state["src_mask"], "cross_kv": state["cross_kv"]}
+        new: State = {key: state[key] for key in ("src_mask", "cross_kv", "sentence")}
         weights = []
         for i, layer in enumerate(self.decoder):
             cache = state.get(f"self_kv.{i}")
