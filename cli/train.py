@@ -82,7 +82,7 @@ class RichMonitor:
 
 
 def resolve_config(config_file: Path | None, model: str | None, overrides: list[str], resume_from: Path | None) -> Config:
-    """Defaults, then the model family's defaults, the config file, a resumed run's config, then --set overrides."""
+    """Defaults, the model family's defaults and the config file (or a resumed run's stored config), then --set overrides."""
     config = Config()
     if resume_from is not None:
         config = load_checkpoint(resume_from).config
@@ -107,7 +107,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; sets train.device.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16; sets train.precision.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or train.run_dir) from its latest checkpoint, exactly.")] = False,
-    reset: Annotated[list[str] | None, typer.Option("--reset", help="With --resume: start afresh the optimizer, scheduler or best score (repeatable).")] = None,
+    reset: Annotated[list[str] | None, typer.Option("--reset", help="With --resume: start afresh the optimizer, the scheduler's plateau state or the best score (repeatable).")] = None,
 ) -> None:
     """Train a Transformer or LSTM/GRU/RNN model; resumable, with validation BLEU and checkpoints."""
     sets = list(overrides or [])
@@ -116,6 +116,8 @@ def train(
         if value is not None:
             sets.append(f"train.{name}={_literal(value)}")
     resume_from = None
+    if resume and (config_file is not None or model is not None):
+        raise fail("--resume continues a run with its stored config: drop --config/--model (use --set for limits)")
     if resume:
         directory = run_dir or (Path(resolve_config(config_file, model, sets, None).train.run_dir))
         resume_from = latest_checkpoint(directory)

@@ -19,6 +19,7 @@ from nmt.checkpoint import average_checkpoints, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.errors import NmtError
 from nmt.io import atomic_path, check_readable, count_lines
+from nmt.search import check_options
 from nmt.translate import Translation, Translator, read_chunks
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,10 +49,7 @@ def build_translator(model: Path, options: dict[str, Any], device: str, precisio
     """Load a checkpoint into a Translator, warnings to stderr (shared by translate and eval)."""
     checkpoint = load_checkpoint(model)
     decode = decode_options(checkpoint.config.decode, **options)
-    if decode.beam < 1 or decode.nbest < 1:
-        raise NmtError("--beam and --nbest must be at least 1")
-    if decode.nbest > decode.beam and not decode.sampling:
-        raise NmtError(f"--nbest {decode.nbest} needs --beam of at least {decode.nbest}")
+    check_options(decode)  # before any input is read
     return Translator(
         checkpoint, decode=decode, device=device, precision=precision, quantize=quantize, threads=threads,
         batch_tokens=batch_tokens, warn=lambda message: err_console.print(f"warning: {message}", highlight=False, markup=False),

@@ -1,3 +1,12 @@
-"""nmt: a small, fast, complete neural machine translation toolkit."""
+"""nmt: a small, fast, complete neural machine translation toolkit.
+
+The public API: `Translator` (text in, text out with one checkpoint file) and
+`load_checkpoint`; everything else lives in the submodules.
+"""
 
 __version__ = "0.1.0"
+
+from nmt.checkpoint import load_checkpoint  # noqa: E402
+from nmt.translate import Translator  # noqa: E402
+
+__all__ = ["Translator", "__version__", "load_checkpoint"]

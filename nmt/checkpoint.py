@@ -87,17 +87,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
             f"{path}: checkpoint format version {payload.get('version')} is not supported by nmt "
             f"{__version__} (expects {FORMAT_VERSION})"
         )
-    tokenizers = payload["tokenizers"]
-    src = Tokenizer(tokenizers["src"], tokenizers["normalization"])
-    tgt = src if tokenizers["tgt"] is None else Tokenizer(tokenizers["tgt"], tokenizers["normalization"])
-    return Checkpoint(
-        config=from_dict(payload["config"]),
-        model_state=payload["model"],
-        src_tokenizer=src,
-        tgt_tokenizer=tgt,
-        train_state=payload.get("train_state"),
-        metrics=payload.get("metrics") or {},
-    )
+    try:
+        tokenizers = payload["tokenizers"]
+        src = Tokenizer(tokenizers["src"], tokenizers["normalization"])
+        tgt = src if tokenizers["tgt"] is None else Tokenizer(tokenizers["tgt"], tokenizers["normalization"])
+        return Checkpoint(
+            config=from_dict(payload["config"]),
+            model_state=payload["model"],
+            src_tokenizer=src,
+            tgt_tokenizer=tgt,
+            train_state=payload.get("train_state"),
+            metrics=payload.get("metrics") or {},
+        )
+    except KeyError as exc:
+        raise NmtError(f"{path}: incomplete checkpoint (no {exc})") from None
+    except NmtError as exc:
+        raise NmtError(f"{path}: {exc}") from None
 
 
 def average_checkpoints(paths: list[Path]) -> Checkpoint:
@@ -110,10 +115,16 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
     checkpoints = [load_checkpoint(p) for p in paths]
     last = checkpoints[-1]
     for path, ckpt in zip(paths, checkpoints):
-        if ckpt.model_state.keys() != last.model_state.keys() or any(
-            ckpt.model_state[k].shape != v.shape for k, v in last.model_state.items()
+        if (
+            ckpt.config.model != last.config.model
+            or ckpt.src_tokenizer != last.src_tokenizer
+            or ckpt.tgt_tokenizer != last.tgt_tokenizer
+            or ckpt.model_state.keys() != last.model_state.keys()
+            or any(ckpt.model_state[k].shape != v.shape for k, v in last.model_state.items())
         ):
-            raise NmtError(f"{path}: parameters differ from {paths[-1]}; only checkpoints of one model can be averaged")
+            raise NmtError(
+                f"{path}: model or tokenizer differs from {paths[-1]}; only checkpoints of one model can be averaged"
+            )
     averaged: dict[str, torch.Tensor] = {}
     for key, value in last.model_state.items():
         if value.is_floating_point():

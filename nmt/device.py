@@ -92,11 +92,11 @@ def keep_freed_memory() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters from glibc's malloc.h
 
 
-def set_threads(threads: int = 0) -> int:
-    """Use `threads` intra-op threads (0 = the cores this process may run on)."""
+def set_threads(threads: int = 0, processes: int = 1) -> int:
+    """Use `threads` intra-op threads (0 = this process's share of the cores, with `processes` per machine)."""
     if threads < 0:
         raise NmtError(f"threads must be >= 0, got {threads}")
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    count = threads or available
+    count = threads or max(1, available // processes)
     torch.set_num_threads(count)
     return count

@@ -59,7 +59,8 @@ class Distributed:
         if not self.enabled:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # No buffer broadcast: the models keep no running statistics, only constant tables.
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce for all but the last batch of an accumulated update."""

@@ -27,7 +27,7 @@ from sacrebleu.metrics.base import Metric
 from sacrebleu.significance import estimate_ci
 
 from nmt.errors import NmtError
-from nmt.io import read_lines
+from nmt.io import decode_line, read_lines
 from nmt.progress import SILENT, Reporter
 
 METRICS = ("bleu", "chrf", "chrf++", "ter")
@@ -297,10 +297,7 @@ def read_stream(stream: IO[bytes], name: str = "<stdin>") -> list[str]:
     """Lines of a binary stream (stdin) as strict UTF-8, naming the line of bad bytes."""
     lines = []
     for number, raw in enumerate(stream, start=1):
-        try:
-            lines.append(raw.decode("utf-8").rstrip("\r\n"))
-        except UnicodeDecodeError as exc:
-            raise NmtError(f"{name}: line {number} is not valid UTF-8 (byte {exc.start})") from None
+        lines.append(decode_line(raw, number, name).rstrip("\r\n"))
     if not lines:
         raise NmtError(f"{name}: no hypotheses (empty input)")
     return lines

@@ -209,7 +209,7 @@ class _Finished(NamedTuple):
         )
 
 
-def _check(config: DecodeConfig) -> None:
+def check_options(config: DecodeConfig) -> None:
     """Reject options search cannot honour, naming the option."""
     if config.beam < 1:
         raise NmtError(f"beam size must be at least 1, got {config.beam}")
@@ -229,7 +229,7 @@ def _check(config: DecodeConfig) -> None:
 
 def _start(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) -> tuple[Any, Tensor]:
     """Check the options, encode once, and give the fresh state with each sentence's length limit."""
-    _check(config)
+    check_options(config)
     state = model.init_state(model.encode(src, src_mask), src_mask)
     return state, max_output_lengths(src_mask, config, model.max_positions)
 

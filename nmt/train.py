@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -95,12 +96,13 @@ class Trainer:
             raise NmtError(f"unknown best_metric {self.cfg.best_metric!r}; choose one of {', '.join(HIGHER_IS_BETTER)}")
         if self.cfg.best_metric in ("bleu", "chrf") and not self.cfg.valid_bleu:
             raise NmtError(f"best_metric {self.cfg.best_metric} needs train.valid_bleu = true")
-        if self.cfg.accum_steps < 1 or self.cfg.max_tokens < 1:
-            raise NmtError("train.accum_steps and train.max_tokens must be positive")
+        for name in ("accum_steps", "max_tokens", "log_every", "keep_last"):
+            if getattr(self.cfg, name) < 1:
+                raise NmtError(f"train.{name} must be at least 1, got {getattr(self.cfg, name)}")
         self.dist = Distributed.from_environment()
         self.device = self.dist.device if self.dist.enabled else resolve_device(self.cfg.device)
         if self.device.type == "cpu":
-            set_threads(self.cfg.threads)
+            set_threads(self.cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
         self.monitor = monitor if (monitor is not None and self.dist.is_main) else _SilentMonitor()
@@ -149,6 +151,7 @@ class Trainer:
             raise NmtError(f"{path}: inference-only checkpoint, cannot resume training from it")
         if ckpt.src_tokenizer != self.data.src_tokenizer or ckpt.tgt_tokenizer != self.data.tgt_tokenizer:
             raise NmtError(f"{path}: was trained with another tokenizer than the data in {self.cfg.data}")
+        self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt.model_state)
         state = ckpt.train_state
         if "optimizer" not in self.reset:
@@ -159,14 +162,21 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         if "best" in self.reset:
             self.progress.best, self.progress.bad_validations = None, 0
-        rng = state["rng"]
-        if len(rng) == self.dist.world_size:
-            restore_rng(rng[self.dist.rank])
-        else:
-            self.monitor.message(f"resuming on {self.dist.world_size} processes from {len(rng)}: RNG streams restart")
-            restore_rng(rng[0])
+        restore_rng(state["rng"][self.dist.rank])
         resets = f" (reset: {', '.join(self.reset)})" if self.reset else ""
         self.monitor.message(f"resumed from {path} at update {self.progress.update}, epoch {self.progress.epoch}{resets}")
+
+    def _check_resumable(self, path: Path, ckpt: Checkpoint) -> None:
+        """Refuse changes that would break the model or the batch order a resumed run continues."""
+        old, new = vars(ckpt.config.model), vars(self.config.model)
+        changed = [f"model.{k} ({old[k]} -> {new[k]})" for k in old if old[k] != new[k]]
+        changed += [f"train.{k} ({getattr(ckpt.config.train, k)} -> {getattr(self.cfg, k)})"
+                    for k in ("seed", "max_tokens", "accum_steps") if getattr(ckpt.config.train, k) != getattr(self.cfg, k)]
+        processes = len(ckpt.train_state["rng"])
+        if processes != self.dist.world_size:
+            changed.append(f"processes ({processes} -> {self.dist.world_size})")
+        if changed:
+            raise NmtError(f"{path}: cannot resume with changed {', '.join(changed)}: the model or the batch order would differ")
 
     # ---------------------------------------------------------------- loop
     def train(self) -> TrainResult:
@@ -198,19 +208,19 @@ class Trainer:
                     if cfg.valid_every and progress.update % cfg.valid_every == 0:
                         last_validation, last_saved = self._validate_and_save(start, board)
                         stop_reason = stop_reason or self._patience_exhausted()
-                    if self._stop_requested and not stop_reason:
-                        stop_reason = "interrupted"
+                    if self.dist.any_true(self._stop_requested) and not stop_reason:
+                        stop_reason = "interrupted"  # every rank stops at the same update
                     if stop_reason:
                         break
                 else:
                     progress.epoch += 1
                     progress.position = 0
                     if not (cfg.valid_every and progress.update % cfg.valid_every == 0):
-                        last_validation, last_saved = self._validate_and_save(start, board)
+                        last_validation, last_saved = self._validate_and_save(start, board, epoch=progress.epoch - 1)
                         stop_reason = self._patience_exhausted()
                     if cfg.max_epochs and progress.epoch > cfg.max_epochs:
                         stop_reason = stop_reason or "max_epochs"
-                    if self._stop_requested:
+                    if self.dist.any_true(self._stop_requested):
                         stop_reason = stop_reason or "interrupted"
             if last_saved != self._update_path():  # the final state is not on disk yet
                 if stop_reason == "interrupted":
@@ -234,22 +244,32 @@ class Trainer:
     def update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimiser update over `group` batches; returns summed loss, NLL and target tokens."""
         self.model.train()
-        batches = [collate([self.train_split[i] for i in batch]) for batch in group]
+        pin = self.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
+        batches = [collate([self.train_split[i] for i in batch], pin_memory=pin) for batch in group]
         local_tokens = sum(b.tgt_tokens for b in batches)
         total_tokens = self.dist.sum_int(local_tokens)
         # DDP averages gradients over ranks; scaling by world size turns that into a per-token mean.
         scale = self.dist.world_size / total_tokens
         loss_sum = nll_sum = 0.0
         for index, batch in enumerate(batches):
-            batch = batch.to(self.device)
-            sync = index == len(batches) - 1
-            with self.dist.no_sync(self.ddp_model, skip=not sync), autocast(self.device, self.amp_dtype):
-                logits = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
-                loss, nll = label_smoothed_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
-            self.scaler.scale(loss * scale).backward()
+            batch = batch.to(self.device, non_blocking=pin)
+            last = index == len(batches) - 1
+            try:
+                # Gradients are all-reduced only in the backward pass of the update's last batch.
+                with self.dist.no_sync(self.ddp_model, skip=not last):
+                    with autocast(self.device, self.amp_dtype):
+                        logits = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
+                        loss, nll = label_smoothed_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+                    self.scaler.scale(loss * scale).backward()
+            except torch.OutOfMemoryError:
+                raise NmtError(
+                    f"out of memory at update {self.progress.update + 1} on {self.device} "
+                    f"(batch of {batch.size} sentences); lower train.max_tokens and raise train.accum_steps"
+                ) from None
             loss_sum += loss.item()
             nll_sum += nll.item()
-        if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:
+        loss_sum, nll_sum = self.dist.sum_float(loss_sum), self.dist.sum_float(nll_sum)
+        if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:  # the same decision on every rank
             raise NmtError(
                 f"loss became {loss_sum} at update {self.progress.update + 1}; stopped without saving, "
                 f"the last good checkpoint is {latest_checkpoint(self.run_dir) or 'none'} "
@@ -263,7 +283,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_rate = rate
-        return self.dist.sum_float(loss_sum), self.dist.sum_float(nll_sum), total_tokens
+        return loss_sum, nll_sum, total_tokens
 
     def _limit_reached(self, start: float) -> str:
         cfg = self.cfg
@@ -340,10 +360,14 @@ class Trainer:
                 writer.close()
 
     # ---------------------------------------------------------------- validation and checkpoints
-    def _validate_and_save(self, start: float, board: Any) -> tuple[dict[str, Any] | None, Path]:
+    def _validate_and_save(self, start: float, board: Any, epoch: int | None = None) -> tuple[dict[str, Any] | None, Path]:
+        """Validate (rank 0; the others wait for its result), update best/patience/plateau, save.
+
+        `epoch` names the epoch a validation belongs to when it runs just after the epoch ended.
+        """
         record = None
         if self.valid_split is not None:
-            record = self._validate() if self.dist.is_main else None
+            record = self._validate(epoch or self.progress.epoch) if self.dist.is_main else None
             record = self.dist.broadcast_object(record)
             score = record[self.cfg.best_metric]
             higher = HIGHER_IS_BETTER[self.cfg.best_metric]
@@ -363,7 +387,7 @@ class Trainer:
         return record, self._save(start, record, best=improved)
 
     @torch.inference_mode()
-    def _validate(self) -> dict[str, Any]:
+    def _validate(self, epoch: int) -> dict[str, Any]:
         """Teacher-forced loss and perplexity, and BLEU/chrF of greedy decoding, on the validation set."""
         model, split = self.model, self.valid_split
         assert split is not None
@@ -382,7 +406,7 @@ class Trainer:
         record: dict[str, Any] = {
             "kind": "valid",
             "update": self.progress.update,
-            "epoch": self.progress.epoch,
+            "epoch": epoch,
             "loss": loss_sum / tokens,
             "ppl": math.exp(min(nll_sum / tokens, 50.0)),
         }
@@ -427,7 +451,7 @@ class Trainer:
             write_bytes_atomic(path, data)
             if best:
                 write_bytes_atomic(self.run_dir / "best.pt", data)
-            for old in sorted(self.run_dir.glob("update_*.pt"))[: -self.cfg.keep_last or None]:
+            for old in sorted(self.run_dir.glob("update_*.pt"))[: -self.cfg.keep_last]:
                 old.unlink()
         self.dist.barrier()
         return path

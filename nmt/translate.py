@@ -50,7 +50,8 @@ def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], decode: Deco
     start = 0
     while start < len(order):
         longest = max(len(sources[order[start]]), 1)
-        count = max(1, batch_tokens // (longest * max(decode.beam, 1)))
+        rows = decode.nbest if decode.sampling else decode.beam  # search rows per sentence
+        count = max(1, batch_tokens // (longest * max(rows, 1)))
         chunk = order[start:start + count]
         src, src_mask = pad_sources([sources[i] for i in chunk])
         found = search(model, src.to(device), src_mask.to(device), decode)

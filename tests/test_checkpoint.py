@@ -50,7 +50,7 @@ def test_averaging(joint_spm: Path, tmp_path: Path) -> None:
     assert averaged.train_state is None
     other = Checkpoint(Config(), {"w": torch.zeros(3, 3), "steps": torch.tensor(1)}, tok, tok)
     other.save(tmp_path / "other.pt")
-    with pytest.raises(NmtError, match="parameters differ"):
+    with pytest.raises(NmtError, match="model or tokenizer differs"):
         average_checkpoints([paths[0], tmp_path / "other.pt"])
 
 

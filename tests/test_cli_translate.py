@@ -139,7 +139,7 @@ def test_invalid_utf8_stops_or_is_replaced(tiny_models: dict[str, Path], tmp_pat
     [
         (["-m", "{missing}"], "{missing}: no such checkpoint"),
         (["-m", "{future}"], "{future}: checkpoint format version 99 is not supported"),
-        (["-m", "{model}", "--nbest", "4", "--beam", "3"], "--nbest 4 needs --beam of at least 4"),
+        (["-m", "{model}", "--nbest", "4", "--beam", "3"], "nbest 4 is larger than the beam size 3"),
         (["-m", "{model}", "--quantize", "int4"], "unknown quantization 'int4'; choose one of none, int8"),
         (["-m", "{model}", "--precision", "fp8"], "unknown precision 'fp8'"),
         (["-m", "{model}", "--errors", "ignore"], "--errors must be strict or replace, got 'ignore'"),
@@ -179,7 +179,7 @@ def test_average_two_checkpoints_and_last_n(tiny_models: dict[str, Path], tmp_pa
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{transformer}", "{gru}"], "{transformer}: parameters differ from {gru}; only checkpoints of one model can be averaged"),
+        (["{transformer}", "{gru}"], "{transformer}: model or tokenizer differs from {gru}; only checkpoints of one model can be averaged"),
         (["{transformer}", "--last", "2"], "--last N takes exactly one run directory"),
         (["{empty}", "--last", "2"], "{empty}: no update_*.pt checkpoints"),
         (["{run}", "--last", "-1"], "--last must be 1 or more, got -1"),

@@ -82,6 +82,11 @@ def test_resume_reset_and_errors(toy_data: Path, tmp_path: Path) -> None:
                       resume=True, reset=("optimizer", "best"))
     assert trainer.progress.update == 2 and trainer.progress.best is None
     assert not trainer.optimizer.state  # a fresh optimiser
+    with pytest.raises(NmtError, match=r"cannot resume with changed model.d_model \(32 -> 48\), train.max_tokens"):
+        Trainer(make_config(toy_data, run, "model.d_model=48", "train.max_tokens=700", "train.valid_bleu=false",
+                            "train.best_metric=loss"), resume=True)
+    with pytest.raises(NmtError, match="train.keep_last must be at least 1"):
+        Trainer(make_config(toy_data, tmp_path / "k", "train.keep_last=0"))
 
 
 def _ddp_worker(rank: int, world: int, port: int, data: str, run: str, out: str) -> None:
