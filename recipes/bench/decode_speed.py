@@ -25,6 +25,7 @@ from nmt.data import encode_source
 from nmt.device import autocast, cpu_has_fast_bf16
 from nmt.evaluate import corpus_scores
 from nmt.models import Seq2Seq
+from nmt.models.transformer import Transformer
 from nmt.translate import Translator, translate_ids
 
 
@@ -101,7 +102,7 @@ def main() -> None:
             )
             sources = [encode_source(translator.src_tokenizer, t) for t in texts]
             paths = [("kv-cache", translator.model)]
-            if precision == "fp32" and hasattr(translator.model, "decoder"):
+            if precision == "fp32" and isinstance(translator.model, Transformer):
                 paths.append(("no-cache", NoCacheDecoder(translator.model)))
             for label, model in paths:
                 for beam in ((1, 5) if label == "kv-cache" else (5,)):
