@@ -10,7 +10,7 @@ work=${3:-$(dirname "$data")/cells}
 for cell in lstm gru rnn; do
   rm -rf "$work/$cell"
   nmt train --config "$here/lstm.toml" --data "$data" --run-dir "$work/$cell" --max-minutes "$minutes" \
-    --set model.cell="$cell" --set train.max_epochs=0 >/dev/null
+    --set model.cell="$cell" --set train.max_epochs=0 --set train.log_every=10 >/dev/null
 done
 python - "$work" <<'PY'
 import json, sys
@@ -25,6 +25,6 @@ for cell in ("lstm", "gru", "rnn"):
     valid = [r for r in records if r["kind"] == "valid"][-1]
     last = sorted(run.glob("update_*.pt"))[-1]
     params = build_model(load_checkpoint(last).config.model).num_parameters()
-    tokens_per_s = sum(r["tokens_per_s"] for r in train[1:]) / max(len(train) - 1, 1)
+    tokens_per_s = sum(r["tokens_per_s"] for r in train) / len(train)
     print(f"{cell:6} {params:>12,} {tokens_per_s:>10,.0f} {valid['update']:>8} {valid['bleu']:>11.2f}")
 PY
