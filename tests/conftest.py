@@ -86,10 +86,10 @@ def tiny_models(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     common = ["train.lr=0.01", "train.warmup=10", "model.dropout=0", "train.label_smoothing=0",
               "train.valid_bleu=false", "train.best_metric=loss"]
-    rnn = ["model.arch=rnn", "model.cell=gru", "model.embed_dim=32", "model.hidden_size=32",
+    rnn = ["model.arch=rnn", "model.cell=gru", "model.embed_dim=64", "model.hidden_size=64",
            "model.enc_layers=1", "model.dec_layers=1"]
     models = {}
-    for name, updates, extra in (("transformer", 200, []), ("gru", 40, rnn)):
+    for name, updates, extra in (("transformer", 200, []), ("gru", 200, rnn)):
         run = tmp_path_factory.mktemp("runs") / name
         config = Config()
         merge(config, parse_overrides([*TINY_TRANSFORMER, *common, *extra, f'train.data="{toy_data}"', f'train.run_dir="{run}"',

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 
@@ -148,6 +149,25 @@ def test_tied_and_shared_weights_are_one_tensor(base: ModelConfig) -> None:
         build_model(replace(base, joint_vocab=False))
     with pytest.raises(NmtError, match="joint_vocab"):
         build_model(replace(base, src_vocab_size=30))
+
+
+@pytest.mark.parametrize("cell", ["transformer", "lstm", "gru", "rnn"])
+def test_initial_loss_is_near_uniform_at_recipe_size(cell: str) -> None:
+    """A tied output layer starts near the uniform distribution (loss about ln V) at the recipes'
+    width and vocabulary; N(0, 1) tables started the RNN decoders at 12 (LSTM) to 41 (Elman) and GRU/Elman never recovered."""
+    vocab = 8000
+    if cell == "transformer":
+        config = replace(TRANSFORMER, src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=256, heads=4, ffn_dim=1024)
+    else:
+        config = replace(RNN, src_vocab_size=vocab, tgt_vocab_size=vocab, cell=cell, embed_dim=256, hidden_size=512)
+    torch.manual_seed(0)
+    model = build_model(replace(config, dropout=0.0)).eval()
+    gen = torch.Generator().manual_seed(3)
+    src, tgt = torch.randint(4, vocab, (8, 12), generator=gen), torch.randint(4, vocab, (8, 11), generator=gen)
+    with torch.no_grad():
+        logits = model(src, torch.ones_like(src, dtype=torch.bool), tgt[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt[:, 1:].flatten())
+    assert abs(loss.item() - math.log(vocab)) < 1.5
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ and training code can treat a Transformer and an RNN alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -70,6 +71,25 @@ class Embeddings(nn.Module):
             raise NmtError("model.share_embeddings needs a joint vocabulary (joint_vocab); set share_embeddings = false")
         self.src = nn.Embedding(config.src_vocab_size, dim, padding_idx=PAD_ID)
         self.tgt = self.src if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, dim, padding_idx=PAD_ID)
+        self.scale = math.sqrt(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 1/dim) tables read through a sqrt(dim) scale: inputs have unit variance, while a
+        tied output layer starts with logits of unit scale (N(0, 1) tables would make them sqrt(dim)
+        times larger, which GRU and Elman RNN decoders do not recover from)."""
+        for table in dict.fromkeys([self.src, self.tgt]):
+            nn.init.normal_(table.weight, std=table.embedding_dim**-0.5)
+            with torch.no_grad():
+                table.weight[table.padding_idx].zero_()
+
+    def source(self, tokens: Tensor) -> Tensor:
+        """Source token ids (B, S) -> scaled embeddings (B, S, dim)."""
+        return self.src(tokens) * self.scale
+
+    def target(self, tokens: Tensor) -> Tensor:
+        """Target token ids (B, T) -> scaled embeddings (B, T, dim)."""
+        return self.tgt(tokens) * self.scale
 
 
 def output_layer(config: ModelConfig, dim: int, tgt_embed: nn.Embedding) -> nn.Linear:

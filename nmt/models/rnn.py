@@ -116,22 +116,19 @@ class RNNSeq2Seq(Seq2Seq):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Uniform(-0.1, 0.1) for the recurrent and linear layers, as Luong et al. (2015) and OpenNMT;
-        N(0, 1) embeddings (torch's default), so inputs have unit variance like the Transformer's scaled
-        ones: with U(-0.1, 0.1) embeddings the signal is weak and small models sit on a loss plateau
-        for hundreds of steps before attention starts to align (the tiny task in the tests)."""
+        """Uniform(-0.1, 0.1) for the recurrent and linear layers, as Luong et al. (2015) and OpenNMT,
+        then the shared embedding init: unit-variance inputs (with U(-0.1, 0.1) embeddings the signal
+        is weak and small models sit on a loss plateau before attention aligns) and tied logits of
+        unit scale, which GRU and Elman decoders need to train at the LSTM's learning rate."""
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -0.1, 0.1)
-        with torch.no_grad():
-            for table in dict.fromkeys([self.embed.src, self.embed.tgt]):
-                nn.init.normal_(table.weight)
-                table.weight[table.padding_idx].zero_()
+        self.embed.reset_parameters()
 
     def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """src (B, S), src_mask (B, S) -> outputs (B, S, H) and the last layer's final
         [forward; backward] state, one (B, H) tensor per state part."""
         lengths = src_mask.sum(dim=1).cpu()
-        embedded = self.dropout(self.embed.src(src))  # (B, S, E)
+        embedded = self.dropout(self.embed.source(src))  # (B, S, E)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         outputs, hidden = run_recurrent(self.encoder, packed)
         outputs = pad_packed_sequence(outputs, batch_first=True, total_length=src.size(1))[0]  # (B, S, H)
@@ -203,12 +200,12 @@ class RNNSeq2Seq(Seq2Seq):
     def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
         state = self.init_state(self.encode(src, src_mask), src_mask)
-        vectors, _ = self._decode(self.dropout(self.embed.tgt(tgt_in)), state)
+        vectors, _ = self._decode(self.dropout(self.embed.target(tgt_in)), state)
         return self.output(vectors)
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) -> float32 log-probs of the next token (B, V) and the advanced state."""
-        vectors, state = self._decode(self.dropout(self.embed.tgt(tokens))[:, None], state)
+        vectors, state = self._decode(self.dropout(self.embed.target(tokens))[:, None], state)
         return log_probs(self.output(vectors[:, 0])), state
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:

@@ -182,7 +182,6 @@ class Transformer(Seq2Seq):
         self.max_positions = config.max_positions
         dim = config.d_model
         self.embed = Embeddings(config, dim)
-        self.scale = math.sqrt(dim)
         if config.positions == "learned":
             self.learned_positions = nn.Embedding(config.max_positions, dim)
         else:
@@ -198,8 +197,8 @@ class Transformer(Seq2Seq):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Xavier for projections (a fused Q/K/V as separate D x D blocks), zero biases, and N(0, 1/D)
-        for embeddings, so inputs scaled by sqrt(D) have unit variance and tied logits start small."""
+        """Xavier for projections (a fused Q/K/V as separate D x D blocks), zero biases, and the
+        shared embedding init (N(0, 1/D) read through a sqrt(D) scale)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -210,27 +209,24 @@ class Transformer(Seq2Seq):
                 xavier_chunks(module.qkv, 3)
             elif isinstance(module, CrossAttention):
                 xavier_chunks(module.kv, 2)
-        for table in dict.fromkeys([self.embed.src, self.embed.tgt]):
-            nn.init.normal_(table.weight, std=self.config.d_model**-0.5)
-            with torch.no_grad():
-                table.weight[table.padding_idx].zero_()
+        self.embed.reset_parameters()
         if self.config.positions == "learned":  # as fairseq: weaker than the scaled token embeddings
             nn.init.normal_(self.learned_positions.weight, std=self.config.d_model**-0.5)
 
-    def _embed(self, table: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
-        """tokens (B, T) at positions offset.. -> scaled embeddings plus positions, (B, T, D)."""
-        end = offset + tokens.size(1)
+    def _with_positions(self, embedded: Tensor, offset: int = 0) -> Tensor:
+        """Scaled embeddings (B, T, D) at positions offset.. -> plus positions, after dropout."""
+        end = offset + embedded.size(1)
         if end > self.max_positions:
             raise NmtError(f"sequence of {end} tokens is longer than model.max_positions={self.max_positions}")
         if self.config.positions == "learned":
             positions = self.learned_positions.weight[offset:end]  # (T, D)
         else:
             positions = self.sinusoids[offset:end]
-        return self.dropout(table(tokens) * self.scale + positions)
+        return self.dropout(embedded + positions)
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """src (B, S), src_mask (B, S) -> memory (B, S, D)."""
-        x = self._embed(self.embed.src, src)
+        x = self._with_positions(self.embed.source(src))
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         for layer in self.encoder:
             x = layer(x, mask)
@@ -240,7 +236,7 @@ class Transformer(Seq2Seq):
         """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
         memory = self.encode(src, src_mask)
         mask = src_mask[:, None, None, :]
-        x = self._embed(self.embed.tgt, tgt_in)
+        x = self._with_positions(self.embed.target(tgt_in))
         for layer in self.decoder:
             x = layer(x, layer.cross_attn.keys_values(memory), mask, cache=None)[0]
         return self.output(self.decoder_norm(x))
@@ -266,7 +262,7 @@ class Transformer(Seq2Seq):
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) -> float32 log-probs of the next token (B, V) and the state with this token cached."""
         position = state["self_kv.0"].size(3) if "self_kv.0" in state else 0
-        x = self._embed(self.embed.tgt, tokens[:, None], offset=position)  # (B, 1, D)
+        x = self._with_positions(self.embed.target(tokens[:, None]), offset=position)  # (B, 1, D)
         mask = state["src_mask"][:, None, None, :]
         keep = "attention" in state
         new: State = {key: state[key] for key in ("src_mask", "cross_kv", "sentence")}
