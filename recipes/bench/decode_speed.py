@@ -8,6 +8,7 @@ in batch mode, the mean latency of translating sentences one at a time, and BLEU
 so speed is never bought with quality. For Transformers it also runs beam 5
 through `NoCacheDecoder`, the straightforward implementation that re-runs the
 decoder over the whole prefix at every step, to show what the key/value cache buys.
+Peak memory covers each row's translation (`common.peak_memory`), with the model resident.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from common import machine, matmul_gflops, print_table, write_json
+from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
 from nmt.device import autocast, cpu_has_fast_bf16
 from nmt.evaluate import corpus_scores
@@ -46,7 +47,7 @@ class NoCacheDecoder:
     def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.model
         prefix = torch.cat([state["prefix"], tokens[:, None]], dim=1)  # (B, t)
-        x = m._embed(m.embed.tgt, prefix)
+        x = m._with_positions(m.embed.target(prefix))
         mask = state["src_mask"][:, None, None, :]
         for layer in m.decoder:
             x = layer(x, layer.cross_attn.keys_values(state["memory"]), mask, cache=None)[0]
@@ -60,7 +61,8 @@ class NoCacheDecoder:
 def run(translator: Translator, model: Any, sources: list[list[int]], beam: int, latency_count: int,
         references: list[str]) -> dict[str, Any]:
     decode = replace(translator.decode, beam=beam, nbest=1)
-    with torch.inference_mode(), autocast(translator.device, translator.amp_dtype):
+    with (peak_memory(translator.device) as peak, torch.inference_mode(),
+          autocast(translator.device, translator.amp_dtype)):
         start = time.perf_counter()
         results = translate_ids(model, sources, decode, translator.batch_tokens, translator.device)
         seconds = time.perf_counter() - start
@@ -72,7 +74,32 @@ def run(translator: Translator, model: Any, sources: list[list[int]], beam: int,
     tokens = sum(len(r[0].tokens) for r in results)
     bleu = corpus_scores(hypotheses, references, metrics=("bleu",))["bleu"].score
     return {"sentences_per_s": len(sources) / seconds, "tokens_per_s": tokens / seconds,
-            "latency_ms": latency * 1000, "bleu": bleu, "seconds": seconds}
+            "latency_ms": latency * 1000, "bleu": bleu, "seconds": seconds, "peak_mib": peak.mib, "note": peak.note}
+
+
+def measure_model(name: str, path: Path, texts: list[str], references: list[str], precisions: list[str],
+                  latency_count: int, batch_tokens: int, threads: int, no_cache: bool = True) -> list[dict[str, Any]]:
+    """One row per precision and search of one checkpoint; emulated bf16 is slower than fp32, so it is skipped."""
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        if precision == "bf16" and not cpu_has_fast_bf16():
+            rows.append({"model": name, "precision": "bf16", "note": "skipped: no native bf16 on this CPU"})
+            continue
+        translator = Translator.load(
+            path, device="cpu", threads=threads, batch_tokens=batch_tokens,
+            precision="bf16" if precision == "bf16" else "fp32", quantize="int8" if precision == "int8" else "none",
+        )
+        sources = [encode_source(translator.src_tokenizer, t) for t in texts]
+        paths = [("kv-cache", translator.model)]
+        if no_cache and precision == "fp32" and isinstance(translator.model, Transformer):
+            paths.append(("no-cache", NoCacheDecoder(translator.model)))
+        for label, model in paths:
+            for beam in ((1, 5) if label == "kv-cache" else (5,)):
+                result = run(translator, model, sources, beam, latency_count, references)
+                rows.append({"model": name, "precision": precision, "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}",
+                             **result})
+                print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -92,27 +119,11 @@ def main() -> None:
     ceilings = [matmul_gflops()]
     for spec in args.model:
         name, _, path = spec.partition("=")
-        for precision in args.precisions.split(","):
-            if precision == "bf16" and not cpu_has_fast_bf16():
-                rows.append({"model": name, "precision": "bf16", "note": "skipped: no native bf16 on this CPU"})
-                continue
-            translator = Translator.load(
-                Path(path), device="cpu", threads=args.threads, batch_tokens=args.batch_tokens,
-                precision="bf16" if precision == "bf16" else "fp32", quantize="int8" if precision == "int8" else "none",
-            )
-            sources = [encode_source(translator.src_tokenizer, t) for t in texts]
-            paths = [("kv-cache", translator.model)]
-            if precision == "fp32" and isinstance(translator.model, Transformer):
-                paths.append(("no-cache", NoCacheDecoder(translator.model)))
-            for label, model in paths:
-                for beam in ((1, 5) if label == "kv-cache" else (5,)):
-                    result = run(translator, model, sources, beam, args.latency_sentences, references)
-                    rows.append({"model": name, "precision": precision, "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}",
-                                 **result})
-                    print(rows[-1], flush=True)
+        rows += measure_model(name, Path(path), texts, references, args.precisions.split(","), args.latency_sentences,
+                              args.batch_tokens, args.threads)
     ceilings.append(matmul_gflops())
     print_table("Decoding on the test set", rows, ["model", "precision", "mode", "sentences_per_s", "tokens_per_s",
-                                                   "latency_ms", "bleu", "note"])
+                                                   "latency_ms", "bleu", "peak_mib", "note"])
     write_json(args.out, {"machine": machine(), "ceiling_gflops_before_after": ceilings, "results": rows})
 
 

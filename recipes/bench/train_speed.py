@@ -9,7 +9,8 @@ matrix-product ceiling is timed before and after each measurement; a run during
 which it dropped by more than 15% is marked "noisy". Utilisation is reported two
 ways: the model's own FLOP count (3 × forward, `flops_per_token`) and 6 × parameters
 × tokens (the count fairseq comparisons use). bf16 runs only where the CPU has
-native bf16 instructions (or with --force-bf16).
+native bf16 instructions (or with --force-bf16). Peak memory covers the warm-up
+and timed updates (`common.peak_memory`), with the model, optimiser and data resident.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from common import machine, matmul_gflops, print_table, write_json
+from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.config import Config, merge, parse_overrides
 from nmt.device import cpu_has_fast_bf16
 from nmt.train import Trainer
@@ -34,25 +35,28 @@ MODELS = {
 }
 
 
-def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int) -> dict:
+def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int,
+            threads: int = 0) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         config = Config()
         merge(config, parse_overrides([*MODELS[model], f'train.data="{data}"', f'train.run_dir="{run_dir}"',
-                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}"]))
+                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}",
+                                       f"train.threads={threads}"]))
         trainer = Trainer(config)
         batches = trainer.sampler.batches(1)
         split = trainer.train_split
         src_len = float(split.src_lengths.mean()) + 1
         tgt_len = float(split.tgt_lengths.mean()) + 1
-        for group in batches[:warmup]:
-            trainer.update([group])
-        before = matmul_gflops()
-        times, tokens = [], []
-        for group in batches[warmup:warmup + updates]:
-            start = time.perf_counter()
-            _, _, count = trainer.update([group])
-            times.append(time.perf_counter() - start)
-            tokens.append(count)
+        with peak_memory(trainer.device) as peak:
+            for group in batches[:warmup]:
+                trainer.update([group])
+            before = matmul_gflops()
+            times, tokens = [], []
+            for group in batches[warmup:warmup + updates]:
+                start = time.perf_counter()
+                _, _, count = trainer.update([group])
+                times.append(time.perf_counter() - start)
+                tokens.append(count)
         after = matmul_gflops()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.update([batches[warmup + updates]])
@@ -62,6 +66,7 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
         model_flops = 3 * trainer.model.flops_per_token(round(src_len), round(tgt_len))
         params = trainer.model.num_parameters()
         ceiling = max(before, after)
+        noisy = after < 0.85 * before or before < 0.85 * after
         return {
             "model": model,
             "precision": precision,
@@ -74,9 +79,23 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
             "mfu_6pt": rate * 6 * params / 1e9 / ceiling,
             "ceiling_before": before,
             "ceiling_after": after,
-            "note": "noisy" if after < 0.85 * before or before < 0.85 * after else "",
+            "peak_mib": peak.mib,
+            "note": "; ".join(filter(None, ["noisy" if noisy else "", peak.note])),
             "profile": [{"op": e.key, "share": e.self_cpu_time_total / total} for e in top],
         }
+
+
+def measure_all(data: Path, models: list[str], precisions: list[str], updates: int, warmup: int, max_tokens: int,
+                threads: int = 0, force_bf16: bool = False) -> list[dict]:
+    """One row per model and precision; emulated bf16 is slower than fp32, so it is skipped unless forced."""
+    rows = []
+    for model in models:
+        for precision in precisions:
+            if precision == "bf16" and not (cpu_has_fast_bf16() or force_bf16):
+                rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
+                continue
+            rows.append(measure(data, model, precision, updates, warmup, max_tokens, threads))
+    return rows
 
 
 def main() -> None:
@@ -87,19 +106,15 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even without native bf16 instructions")
     parser.add_argument("--out", type=Path, default=Path("work/bench/train_speed.json"))
     args = parser.parse_args()
-    rows = []
-    for model in args.models.split(","):
-        for precision in args.precisions.split(","):
-            if precision == "bf16" and not (cpu_has_fast_bf16() or args.force_bf16):
-                rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
-                continue
-            rows.append(measure(args.data, model, precision, args.updates, args.warmup, args.max_tokens))
+    rows = measure_all(args.data, args.models.split(","), args.precisions.split(","), args.updates, args.warmup,
+                       args.max_tokens, args.threads, args.force_bf16)
     print_table("Training throughput", rows, ["model", "precision", "parameters", "tokens_per_s", "seconds_per_update",
                                               "model_gflops", "mfu_model_count", "gflops_6pt", "mfu_6pt",
-                                              "ceiling_before", "ceiling_after", "note"])
+                                              "ceiling_before", "ceiling_after", "peak_mib", "note"])
     for row in rows:
         if "profile" in row:
             print(f"{row['model']} {row['precision']}: " + ", ".join(f"{p['op']} {p['share']:.0%}" for p in row["profile"]))
