@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi30k English->German end to end: tokenizer -> prepare -> train -> average -> translate -> eval.
+# Multi30k English->German end to end: tokenizer -> prepare -> train -> average -> translate -> eval,
+# with the checkpoint and length penalty chosen on the validation set (select_and_test.sh).
 #
 # Usage: recipes/multi30k/run.sh [--data DIR] [--work DIR] [--minutes N] [--models "transformer lstm gru"]
 #   --data     folder with train/valid/test2016 .en/.de; default ../shared/data/multi30k-en-de beside the
@@ -43,10 +44,11 @@ python - "$work/data" "$work" <<'PY'
 import sys
 from nmt.data import PreparedData
 data = PreparedData.open(sys.argv[1])
-sources, references = data.split("test").texts()
-for name, lines in (("test.src", sources), ("test.ref", references)):
-    with open(f"{sys.argv[2]}/{name}", "w", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in lines))
+for split in ("valid", "test"):
+    sources, references = data.split(split).texts()
+    for name, lines in ((f"{split}.src", sources), (f"{split}.ref", references)):
+        with open(f"{sys.argv[2]}/{name}", "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
 PY
 
 for model in $models; do
@@ -59,29 +61,12 @@ for model in $models; do
   else
     nmt train --config "$here/$model.toml" --data "$work/data" --run-dir "$run" "${budget[@]}" ${NMT_TRAIN_ARGS:-}
   fi
-  echo "== 3. average the last checkpoints of $model"
-  nmt average "$run" --last 5 -o "$run/averaged.pt"
-  echo "== 4. translate and score test2016 (beam 5)"
-  for ckpt in best averaged; do
-    nmt translate -m "$run/$ckpt.pt" -i "$work/test.src" -o "$run/test.$ckpt.hyp"
-    nmt eval --hyp "$run/test.$ckpt.hyp" --ref "$work/test.ref" --metrics bleu,chrf --json > "$run/test.$ckpt.json"
-    # As the Multi30k papers: Moses-tokenised, lowercased BLEU (multi-bleu.perl style).
-    nmt eval --hyp "$run/test.$ckpt.hyp" --ref "$work/test.ref" --moses de --lowercase --json > "$run/test.$ckpt.moses.json"
-  done
-  python - "$run" <<'PY'
-import json, sys
-run = sys.argv[1]
-for ckpt in ("best", "averaged"):
-    scores = list(json.load(open(f"{run}/test.{ckpt}.json"))["scores"].values())
-    moses = json.load(open(f"{run}/test.{ckpt}.moses.json"))["scores"]["bleu"]
-    print(f"   {run}/{ckpt}.pt  test2016: " + "  ".join(f"{s['name']} {s['score']:.2f}" for s in scores)
-          + f"  (Moses-tokenised lowercased BLEU {moses['score']:.2f})")
-    for s in [*scores, moses]:
-        print(f"      {s['name']}|{s['signature']}")
-PY
+  echo "== 3. choose best.pt or the average of the last 5, and alpha, on valid; then score test2016 (beam 5)"
+  bash "$here/select_and_test.sh" "$run" "$work"
 done
 
 echo
-echo "Translate with a trained model:"
+echo "Translate with a trained model (the checkpoint and alpha chosen on valid):"
 first=${models%% *}
-echo "   echo 'A man is riding a bicycle.' | nmt translate -m $work/$first/averaged.pt"
+read -r ckpt alpha < <(python -c "import json, sys; c = json.load(open(sys.argv[1]))['chosen']; print(*c.split(' alpha='))" "$work/$first/selection.json")
+echo "   echo 'A man is riding a bicycle.' | nmt translate -m $work/$first/$ckpt.pt --alpha $alpha"
