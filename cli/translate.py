@@ -18,7 +18,7 @@ from cli.common import err_console, handle_errors, reporting, summary_table
 from nmt.checkpoint import average_checkpoints, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.errors import NmtError
-from nmt.io import atomic_path, check_readable, count_lines
+from nmt.io import atomic_path, check_readable, count_lines, is_stream
 from nmt.search import check_options
 from nmt.translate import Translation, Translator, read_chunks
 
@@ -135,7 +135,7 @@ def translate(
         _translate_stream(translator, sys.stdin.buffer, _utf8_stdout(), buffer_size, errors, show_nbest, scores)
         return
     check_readable(input)
-    total = count_lines(input)
+    total = None if is_stream(input) else count_lines(input)  # a pipe can be read only once
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")
         if output is None:

@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +27,18 @@ def check_readable(path: Path) -> Path:
         raise NmtError(f"{path}: no such file")
     if path.is_dir():
         raise NmtError(f"{path}: is a directory, expected a file")
-    if path.stat().st_size == 0:
+    if path.stat().st_size == 0 and not is_stream(path):
         raise NmtError(f"{path}: file is empty")
     return path
+
+
+def is_stream(path: Path) -> bool:
+    """A pipe or character device (`-i /dev/stdin`, a FIFO): readable once, of unknown length."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
 
 
 def _open_binary(path: Path) -> IO[bytes]:

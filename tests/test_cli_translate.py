@@ -97,6 +97,15 @@ def test_files_with_nbest(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert all(len(r[1].split(".")[1]) == 4 for r in rows)
 
 
+def test_input_can_be_a_pipe(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """`-i /dev/stdin` reads the pipe once (no line count first) and is not taken for an empty file."""
+    out = tmp_path / "out.txt"
+    stdin = "".join(line + "\n" for line in SOURCES[:3]).encode()
+    result = nmt("translate", "-m", str(tiny_models["transformer"]), "-i", "/dev/stdin", "-o", str(out), *CPU, stdin=stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.read_text(encoding="utf-8") == "".join(t + "\n" for t in translations(tiny_models["transformer"], SOURCES[:3]))
+
+
 def test_scores_and_int8_through_the_runner(tiny_models: dict[str, Path]) -> None:
     checkpoint = str(tiny_models["transformer"])
     stdin = "\n".join(SOURCES[:3]) + "\n"
