@@ -69,22 +69,6 @@ def test_padding_fraction_counts_eos_and_bos_as_real() -> None:
     assert padding_fraction([[0, 1]], np.array([1, 3]), np.array([2, 2])) == pytest.approx(1 - 12 / 14)
 
 
-def test_resume_mid_epoch_gives_exactly_the_remaining_batches() -> None:
-    src, tgt = lengths()
-    sampler = TokenBatchSampler(src, tgt, 400, seed=5)
-    sampler.set_epoch(2)
-    iterator = iter(sampler)
-    seen = [next(iterator) for _ in range(4)]
-    state = sampler.state_dict()
-    assert state == {"epoch": 2, "position": 4}
-    resumed = TokenBatchSampler(src, tgt, 400, seed=5)
-    resumed.load_state_dict(state)
-    assert seen + list(resumed) == sampler.batches(2)
-    assert list(resumed) == []  # the epoch is over
-    resumed.set_epoch(3)
-    assert list(resumed) == sampler.batches(3)
-
-
 @pytest.mark.parametrize("world_size", [2, 3, 7])
 def test_ranks_are_disjoint_covering_and_equally_long(world_size: int) -> None:
     src, tgt = lengths(301)

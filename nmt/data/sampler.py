@@ -1,4 +1,4 @@
-"""Length-bucketed token batches: seeded, resumable inside an epoch, sharded over ranks.
+"""Length-bucketed token batches: seeded, reproducible per epoch, sharded over ranks.
 
 Like fairseq's `--max-tokens`, a batch is filled with examples of similar
 length up to a budget of padded positions. Here the budget bounds both padded
@@ -9,16 +9,14 @@ longer than the budget on its own forms a batch of one.
 The batches of an epoch are a pure function of (lengths, max_tokens, seed,
 epoch): ties in length are broken by a seeded permutation and the batch order
 is shuffled with the same generator, so two runs, or a run and its resumption,
-see identical batches. With several data-parallel ranks, the global batch list
+see identical batches (the trainer resumes mid-epoch by skipping the batches
+it has done). With several data-parallel ranks, the global batch list
 is first made a multiple of the world size (by halving the fullest batches),
 then rank r takes batches r, r + W, r + 2W, ...: shards are disjoint, cover
 every example, and have the same length, so no rank waits for another.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
@@ -50,10 +48,8 @@ class TokenBatchSampler:
         self.max_tokens = max_tokens
         self.seed, self.shuffle = seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.position = 1, 0
         self._cached: tuple[int, list[list[int]]] | None = None
 
-    # ------------------------------------------------------------ whole epochs
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every rank's batches of `epoch`, in training order."""
         rng = np.random.default_rng([self.seed, epoch])
@@ -82,26 +78,6 @@ class TokenBatchSampler:
         base = rng.permutation(n) if self.shuffle else np.arange(n)
         skew = self.src_lengths - self.tgt_lengths
         return base[np.lexsort((skew[base], self.sizes[base]))]
-
-    # ------------------------------------------------------------ resumable iteration
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """The rest of the current epoch from `position`; `position` counts batches handed out."""
-        batches = self.batches(self.epoch)
-        while self.position < len(batches):
-            self.position += 1
-            yield batches[self.position - 1]
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
 def _pack(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[list[int]]:
