@@ -134,7 +134,7 @@ def translate(
     if input is None:
         _translate_stream(translator, sys.stdin.buffer, _utf8_stdout(), buffer_size, errors, show_nbest, scores)
         return
-    check_readable(input)
+    check_readable(input, stream_ok=True)
     total = None if is_stream(input) else count_lines(input)  # a pipe can be read only once
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")

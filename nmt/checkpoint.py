@@ -22,7 +22,7 @@ from nmt.io import atomic_path
 from nmt.tokenizer import Tokenizer
 
 FORMAT = "nmt-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNN embeddings are read through a sqrt(dim) scale; format-1 Transformers are unchanged
 
 
 @dataclass
@@ -82,10 +82,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         raise NmtError(f"{path}: corrupt or truncated checkpoint ({reason[:120]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise NmtError(f"{path}: not an nmt checkpoint")
-    if payload.get("version") != FORMAT_VERSION:
+    version = payload.get("version")
+    if version not in (1, FORMAT_VERSION):
         raise NmtError(
-            f"{path}: checkpoint format version {payload.get('version')} is not supported by nmt "
+            f"{path}: checkpoint format version {version} is not supported by nmt "
             f"{__version__} (expects {FORMAT_VERSION})"
+        )
+    if version == 1 and payload.get("config", {}).get("model", {}).get("arch") == "rnn":
+        raise NmtError(
+            f"{path}: an RNN checkpoint of format 1, from before RNN embeddings were scaled; "
+            f"nmt {__version__} would translate it wrongly, so retrain it"
         )
     try:
         tokenizers = payload["tokenizers"]

@@ -20,14 +20,21 @@ from typing import IO
 from nmt.errors import NmtError
 
 
-def check_readable(path: Path) -> Path:
-    """Fail early, in one line, on a path that is missing, a directory or empty."""
+def check_readable(path: Path, stream_ok: bool = False) -> Path:
+    """Fail early, in one line, on a path that is missing, a directory or empty.
+
+    A pipe can be read only once, so it is refused unless the caller reads it in one pass
+    (`stream_ok`); readers that count lines first would see an empty second pass.
+    """
     path = Path(path)
     if not path.exists():
         raise NmtError(f"{path}: no such file")
     if path.is_dir():
         raise NmtError(f"{path}: is a directory, expected a file")
-    if path.stat().st_size == 0 and not is_stream(path):
+    if is_stream(path):
+        if not stream_ok:
+            raise NmtError(f"{path}: is a pipe or device, which is read more than once here; write it to a file first")
+    elif path.stat().st_size == 0:
         raise NmtError(f"{path}: file is empty")
     return path
 

@@ -80,6 +80,24 @@ def test_bad_checkpoints(joint_spm: Path, tmp_path: Path) -> None:
         load_checkpoint(future)
 
 
+def test_format_1_loads_for_transformers_and_is_refused_for_rnns(joint_spm: Path, tmp_path: Path) -> None:
+    """Format 2 scales RNN embeddings by sqrt(dim): an older RNN file would load and translate wrongly."""
+    tok = Tokenizer.load(joint_spm)
+    for arch in ("transformer", "rnn"):
+        config = Config()
+        config.model.arch = arch
+        path = tmp_path / f"{arch}.pt"
+        Checkpoint(config, {"w": torch.zeros(1)}, tok, tok).save(path)
+        payload = torch.load(path, weights_only=True)
+        payload["version"] = 1
+        torch.save(payload, path)
+        if arch == "transformer":
+            assert load_checkpoint(path).config.model.arch == "transformer"
+        else:
+            with pytest.raises(NmtError, match="RNN checkpoint of format 1"):
+                load_checkpoint(path)
+
+
 def test_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self):

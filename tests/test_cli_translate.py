@@ -104,6 +104,10 @@ def test_input_can_be_a_pipe(tiny_models: dict[str, Path], tmp_path: Path) -> No
     result = nmt("translate", "-m", str(tiny_models["transformer"]), "-i", "/dev/stdin", "-o", str(out), *CPU, stdin=stdin)
     assert result.returncode == 0, result.stderr.decode()
     assert out.read_text(encoding="utf-8") == "".join(t + "\n" for t in translations(tiny_models["transformer"], SOURCES[:3]))
+    # prepare reads its files twice (count, then encode): a pipe is refused in one line there
+    piped = nmt("prepare", "-o", str(tmp_path / "data"), "--train-src", "/dev/stdin", "--train-tgt", "/dev/stdin",
+                "--train-tokenizer", stdin=stdin)
+    assert_one_line_error(piped.returncode, piped.stderr.decode(), "/dev/stdin: is a pipe or device")
 
 
 def test_scores_and_int8_through_the_runner(tiny_models: dict[str, Path]) -> None:
