@@ -8,7 +8,7 @@
 set -euo pipefail
 run=${1:?usage: select_and_test.sh RUN_DIR WORK_DIR}
 work=${2:?usage: select_and_test.sh RUN_DIR WORK_DIR}
-alphas=${NMT_ALPHAS:-"0.6 1.0 1.4"}
+alphas=${NMT_ALPHAS:-"0.6 1.0 1.4 2.0"}
 sweep=$run/sweep
 mkdir -p "$sweep"
 
