@@ -1,13 +1,17 @@
-"""Label-smoothed cross-entropy that ignores padding (Szegedy et al. 2016), fused for speed.
+"""Label-smoothed cross-entropy over the output projection, fused and chunked for speed and memory.
 
 The smoothed target puts 1 - ε on the reference token and spreads ε uniformly
 over the whole vocabulary (as torch's `label_smoothing`). With z the logits and
 lse = logsumexp(z), a token's NLL is lse - z[gold] and its uniform term is
-lse - mean(z), so the forward pass never materialises the (tokens × vocabulary)
-log-probabilities, and the backward pass writes the gradient
-softmax(z) - target distribution in one buffer. On Multi30k batches this is
-several times faster than log_softmax + gather + masking, whose backward
-allocates and zero-fills two vocabulary-sized tensors.
+lse - mean(z); the gradient with respect to z is softmax(z) - target distribution.
+
+The loss takes the decoder's features and the output matrix rather than logits:
+it projects a chunk of rows at a time, and while the chunk's logits are still in
+cache it turns them into their gradient in place and multiplies that back into the
+gradients of the features and of the output matrix. The (tokens × vocabulary)
+logits and their gradient (120 MB each for a 4,096-token batch and an 8k
+vocabulary) never exist, so nothing large is allocated, page-faulted and copied on
+every update; the backward pass only scales the stored gradients.
 """
 
 from __future__ import annotations
@@ -18,50 +22,73 @@ from torch import Tensor
 from nmt.tokenizer import PAD_ID
 
 
-ROWS_PER_CHUNK = 64  # 256 rows × an 8k vocabulary = 8 MB: each chunk's passes stay in cache
+ROWS_PER_CHUNK = 512  # 512 rows × an 8k vocabulary = 16 MB of logits, while the projection stays efficient
 
 
-class _SmoothedCrossEntropy(torch.autograd.Function):
+def _chunk_loss(
+    h: Tensor, weight: Tensor, weight_mean: Tensor, target: Tensor, keep: Tensor, smoothing: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows h (n, D) -> summed smoothed loss, summed NLL, exp(z - max) (n, V) and its row sums (n, 1).
+
+    Four passes over the logits z and no second (n, V) buffer: logsumexp would allocate z - max,
+    and mean(z) is the matrix-vector product h @ mean(weight).
+    """
+    z = (h @ weight.t()).float()  # (n, V); under autocast the product runs in bf16/fp16
+    gold = z.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
+    top = z.amax(dim=1, keepdim=True)  # (n, 1)
+    exp = z.sub_(top).exp_()
+    total = exp.sum(dim=1, keepdim=True)  # (n, 1)
+    lse = (top + total.log()).squeeze(1)  # (n,)
+    nll = torch.where(keep, lse - gold, 0.0).sum()
+    uniform = torch.where(keep, lse - h.float() @ weight_mean, 0.0).sum()
+    return (1.0 - smoothing) * nll + smoothing * uniform, nll, exp, total
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         keep = target != PAD_ID  # (N,)
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)  # (N,)
-        mean = torch.empty_like(lse)  # (N,)
-        for rows in range(0, logits.size(0), ROWS_PER_CHUNK):
-            z = logits[rows:rows + ROWS_PER_CHUNK].float()  # (n, V): float32 even under autocast
-            torch.logsumexp(z, dim=-1, out=lse[rows:rows + ROWS_PER_CHUNK])
-            torch.mean(z, dim=-1, out=mean[rows:rows + ROWS_PER_CHUNK])
-        gold = logits.gather(1, target.unsqueeze(1)).squeeze(1).float()  # (N,)
-        nll = torch.where(keep, lse - gold, 0.0).sum()
-        uniform = torch.where(keep, lse - mean, 0.0).sum()
-        ctx.save_for_backward(logits, lse, target, keep)
-        ctx.smoothing = smoothing
-        return (1.0 - smoothing) * nll + smoothing * uniform, nll
+        weight_mean = weight.float().mean(dim=0)  # (D,)
+        grad_features = torch.empty_like(features)  # (N, D)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
+        loss = nll = features.new_zeros((), dtype=torch.float32)
+        for rows in range(0, features.size(0), ROWS_PER_CHUNK):
+            part = slice(rows, rows + ROWS_PER_CHUNK)
+            h, kept = features[part], keep[part].unsqueeze(1).float()  # (n, D), (n, 1)
+            chunk_loss, chunk_nll, exp, total = _chunk_loss(h, weight, weight_mean, target[part], keep[part], smoothing)
+            loss, nll = loss + chunk_loss, nll + chunk_nll
+            # softmax - smoothed target, in the logits' buffer; padding rows become zero
+            grad = exp.mul_(kept / total).sub_(kept * (smoothing / exp.size(1)))
+            grad.scatter_add_(1, target[part].unsqueeze(1), kept * (smoothing - 1.0))
+            grad_features[part] = grad @ weight
+            grad_weight += grad.t() @ h
+        ctx.save_for_backward(grad_features, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss, nll
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        logits, lse, target, keep = ctx.saved_tensors
-        eps = ctx.smoothing
-        weight = grad_loss * keep.to(lse.dtype)  # (N,)
-        grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
-        for rows in range(0, logits.size(0), ROWS_PER_CHUNK):
-            part = slice(rows, rows + ROWS_PER_CHUNK)
-            g = logits[part].to(torch.float32, copy=True).sub_(lse[part].unsqueeze(1)).exp_()  # softmax
-            if eps:
-                g.sub_(eps / logits.size(1))
-            g.scatter_add_(1, target[part].unsqueeze(1), torch.full_like(lse[part], eps - 1.0).unsqueeze(1))
-            grad[part] = g.mul_(weight[part].unsqueeze(1))
-        return grad, None, None
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
+        grad_features, grad_weight = ctx.saved_tensors
+        return grad_features * grad_loss.to(grad_features.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
 
 
-def label_smoothed_loss(logits: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
-    """Summed smoothed loss and summed NLL (detached) over non-pad target tokens.
+def label_smoothed_loss(features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:
+    """Summed smoothed loss and summed NLL (detached) of the logits `features @ weight.T` over non-pad targets.
 
     Sums, not means: callers divide by the token count of the whole update, so
     accumulation and data parallelism weigh every token equally. The NLL carries
     no gradient; it is reported as perplexity.
-    logits: (B, T, V) any float dtype; target: (B, T) with PAD_ID at padding.
+    features: (B, T, D) decoder output before the projection; weight: (V, D) the output
+    matrix (the models' `output.weight`); target: (B, T) with PAD_ID at padding.
     """
-    flat = logits.reshape(-1, logits.size(-1))  # (B*T, V)
-    loss, nll = _SmoothedCrossEntropy.apply(flat, target.reshape(-1), float(smoothing))
-    return loss, nll.detach()
+    flat, target = features.reshape(-1, features.size(-1)), target.reshape(-1)  # (B*T, D), (B*T,)
+    if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
+        loss, nll = _ProjectedSmoothedCrossEntropy.apply(flat, weight, target, float(smoothing))
+        return loss, nll.detach()
+    keep, weight_mean = target != PAD_ID, weight.float().mean(dim=0)
+    loss = nll = flat.new_zeros((), dtype=torch.float32)
+    for rows in range(0, flat.size(0), ROWS_PER_CHUNK):  # validation: the same chunks, no gradients
+        part = slice(rows, rows + ROWS_PER_CHUNK)
+        chunk_loss, chunk_nll, _, _ = _chunk_loss(flat[part], weight, weight_mean, target[part], keep[part], smoothing)
+        loss, nll = loss + chunk_loss, nll + chunk_nll
+    return loss, nll

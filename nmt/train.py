@@ -258,8 +258,10 @@ class Trainer:
                 # Gradients are all-reduced only in the backward pass of the update's last batch.
                 with self.dist.no_sync(self.ddp_model, skip=not last):
                     with autocast(self.device, self.amp_dtype):
-                        logits = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
-                        loss, nll = label_smoothed_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+                        features = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
+                        loss, nll = label_smoothed_loss(
+                            features, self.model.output.weight, batch.tgt_out, self.cfg.label_smoothing
+                        )
                     self.scaler.scale(loss * scale).backward()
             except torch.OutOfMemoryError:
                 raise NmtError(
@@ -398,8 +400,8 @@ class Trainer:
         for batch_ids in sampler.batches(1):
             batch = collate([split[i] for i in batch_ids]).to(self.device)
             with autocast(self.device, self.amp_dtype):
-                logits = model(batch.src, batch.src_mask, batch.tgt_in)
-                loss, nll = label_smoothed_loss(logits, batch.tgt_out, self.cfg.label_smoothing)
+                features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
+                loss, nll = label_smoothed_loss(features, model.output.weight, batch.tgt_out, self.cfg.label_smoothing)
             loss_sum += loss.item()
             nll_sum += nll.item()
             tokens += batch.tgt_tokens

@@ -61,9 +61,10 @@ def test_weight_decay_groups() -> None:
 
 def test_label_smoothing_matches_hand_computation() -> None:
     logits = torch.tensor([[[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]])
+    identity = torch.eye(4)  # features @ identity.T are the logits themselves
     target = torch.tensor([[2, 3, PAD_ID]])
     eps = 0.1
-    loss, nll = label_smoothed_loss(logits, target, eps)
+    loss, nll = label_smoothed_loss(logits, identity, target, eps)
     expected_nll = expected_loss = 0.0
     for row, gold in ((logits[0, 0], 2), (logits[0, 1], 3)):
         logz = math.log(sum(math.exp(v) for v in row.tolist()))
@@ -74,25 +75,45 @@ def test_label_smoothing_matches_hand_computation() -> None:
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
     reference = torch.nn.functional.cross_entropy(logits[0], target[0], ignore_index=PAD_ID, label_smoothing=eps, reduction="sum")
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
-    plain, _ = label_smoothed_loss(logits, target, 0.0)
+    plain, _ = label_smoothed_loss(logits, identity, target, 0.0)
     assert plain.item() == pytest.approx(expected_nll, rel=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_loss_gradient_equals_autograd_reference(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_loss_gradients_equal_autograd_reference(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and the gradients of features and output matrix equal plain projection + cross_entropy,
+    over several chunks (the last one partial), in fp32 and under bf16 autocast."""
+    monkeypatch.setattr("nmt.loss.ROWS_PER_CHUNK", 8)  # 21 rows: chunks of 8, 8 and 5
     torch.manual_seed(0)
-    logits = torch.randn(3, 7, 50).to(dtype).requires_grad_()
+    features = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
     target = torch.randint(4, 50, (3, 7))
     target[0, 5:] = PAD_ID
     target[2, 3:] = PAD_ID
-    loss, _ = label_smoothed_loss(logits, target, 0.2)
-    (loss * 0.5).backward()
-    ours, logits.grad = logits.grad.clone(), None
-    reference = torch.nn.functional.cross_entropy(
-        logits.float().view(-1, 50), target.view(-1), ignore_index=PAD_ID, label_smoothing=0.2, reduction="sum"
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, nll = label_smoothed_loss(features, weight, target, 0.2)
+        (loss * 0.5).backward()
+        logits = (features @ weight.t()).float().view(-1, 50)
+    ours = features.grad.clone(), weight.grad.clone()
+    features.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(logits, target.view(-1), ignore_index=PAD_ID, label_smoothing=0.2,
+                                                  reduction="sum")
     (reference * 0.5).backward()
-    assert ours.dtype == dtype
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
-    assert torch.allclose(ours.float(), logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
-    assert ours[0, 5:].abs().max() == 0  # padding positions get no gradient
+    reference_nll = torch.nn.functional.cross_entropy(logits, target.view(-1), ignore_index=PAD_ID, reduction="sum")
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert loss.item() == pytest.approx(reference.item(), rel=tolerance)
+    assert nll.item() == pytest.approx(reference_nll.item(), rel=tolerance) and not nll.requires_grad
+    assert ours[0].dtype == features.dtype and ours[1].dtype == weight.dtype
+    assert torch.allclose(ours[0], features.grad, rtol=tolerance, atol=tolerance * 10)
+    assert torch.allclose(ours[1], weight.grad, rtol=tolerance, atol=tolerance * 10)
+    assert ours[0][0, 5:].abs().max() == 0  # padding positions get no gradient
+
+
+def test_fused_loss_without_gradients_gives_the_same_values() -> None:
+    torch.manual_seed(0)
+    features, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    target = torch.randint(4, 30, (2, 5))
+    with_grad = label_smoothed_loss(features, weight, target, 0.1)
+    with torch.inference_mode():
+        without = label_smoothed_loss(features, weight, target, 0.1)
+    assert [v.item() for v in without] == pytest.approx([v.item() for v in with_grad], rel=1e-6)

@@ -197,11 +197,12 @@ class RNNSeq2Seq(Seq2Seq):
             new["attention"] = weights[:, -1:]  # (B, 1, S)
         return vectors, new
 
-    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, features_only: bool = False) -> Tensor:
+        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V),
+        or with `features_only` the attentional vectors (B, T, E) that `output` would project (for the fused loss)."""
         state = self.init_state(self.encode(src, src_mask), src_mask)
         vectors, _ = self._decode(self.dropout(self.embed.target(tgt_in)), state)
-        return self.output(vectors)
+        return vectors if features_only else self.output(vectors)
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) -> float32 log-probs of the next token (B, V) and the advanced state."""

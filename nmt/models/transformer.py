@@ -232,14 +232,16 @@ class Transformer(Seq2Seq):
             x = layer(x, mask)
         return self.encoder_norm(x)
 
-    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V)."""
+    def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor, features_only: bool = False) -> Tensor:
+        """Teacher forcing: src (B, S), src_mask (B, S), tgt_in (B, T) -> logits (B, T, V),
+        or with `features_only` the decoder output (B, T, D) that `output` would project (for the fused loss)."""
         memory = self.encode(src, src_mask)
         mask = src_mask[:, None, None, :]
         x = self._with_positions(self.embed.target(tgt_in))
         for layer in self.decoder:
             x = layer(x, layer.cross_attn.keys_values(memory), mask, cache=None)[0]
-        return self.output(self.decoder_norm(x))
+        x = self.decoder_norm(x)
+        return x if features_only else self.output(x)
 
     def init_state(self, memory: Tensor, src_mask: Tensor, keep_attention: bool = False,
                    keep_heads: bool = False) -> State:
