@@ -75,11 +75,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 def keep_freed_memory() -> None:
     """Stop glibc from returning large tensors' memory to the OS after every free.
 
-    By default each tensor above a size threshold is a fresh mmap, so the logits
-    of every batch (tokens × vocabulary floats) pay page faults on every pass:
-    about a quarter of the time of the loss on a CPU. Keeping freed memory in the
-    heap makes the next batch reuse it (what jemalloc or tcmalloc would do). A
-    no-op where glibc is not the allocator.
+    By default each tensor above a size threshold is a fresh mmap, so every
+    batch's large activations (and a decoder's per-step logits) pay page faults
+    again on every pass. Keeping freed memory in the heap makes the next batch
+    reuse it (what jemalloc or tcmalloc would do). A no-op where glibc is not the
+    allocator.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

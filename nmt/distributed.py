@@ -60,6 +60,8 @@ class Distributed:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # No buffer broadcast: the models keep no running statistics, only constant tables.
+        # find_unused_parameters must stay off: the trainer's loss uses the output matrix outside the
+        # wrapped forward (features_only), which DDP's unused-parameter search would mark ready twice.
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     def no_sync(self, model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:

@@ -6,18 +6,18 @@ lse = logsumexp(z), a token's NLL is lse - z[gold] and its uniform term is
 lse - mean(z); the gradient with respect to z is softmax(z) - target distribution.
 
 The loss takes the decoder's features and the output matrix rather than logits:
-it projects a chunk of rows at a time, and while the chunk's logits are still in
-cache it turns them into their gradient in place and multiplies that back into the
-gradients of the features and of the output matrix. The (tokens × vocabulary)
-logits and their gradient (120 MB each for a 4,096-token batch and an 8k
-vocabulary) never exist, so nothing large is allocated, page-faulted and copied on
-every update; the backward pass only scales the stored gradients.
+it projects a chunk of rows at a time, turns the chunk's logits into their
+gradient in place, and multiplies that back into the gradients of the features
+and of the output matrix. The (tokens × vocabulary) logits and their gradient
+(120 MB each for a 4,096-token batch and an 8k vocabulary) never exist, only one
+chunk's; the backward pass only scales the stored gradients.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from nmt.tokenizer import PAD_ID
 
@@ -30,8 +30,8 @@ def _chunk_loss(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows h (n, D) -> summed smoothed loss, summed NLL, exp(z - max) (n, V) and its row sums (n, 1).
 
-    Four passes over the logits z and no second (n, V) buffer: logsumexp would allocate z - max,
-    and mean(z) is the matrix-vector product h @ mean(weight).
+    Four passes over the logits z, in place: logsumexp would allocate z - max, and
+    mean(z) = h · mean(weight) needs no pass at all (computed in float32, outside autocast's reach).
     """
     z = (h @ weight.t()).float()  # (n, V); under autocast the product runs in bf16/fp16
     gold = z.gather(1, target.unsqueeze(1)).squeeze(1)  # (n,)
@@ -40,16 +40,20 @@ def _chunk_loss(
     total = exp.sum(dim=1, keepdim=True)  # (n, 1)
     lse = (top + total.log()).squeeze(1)  # (n,)
     nll = torch.where(keep, lse - gold, 0.0).sum()
-    uniform = torch.where(keep, lse - h.float() @ weight_mean, 0.0).sum()
+    uniform = torch.where(keep, lse - (h.float() * weight_mean).sum(dim=1), 0.0).sum()
     return (1.0 - smoothing) * nll + smoothing * uniform, nll, exp, total
 
 
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in the forward pass, in float32 (scaled by the loss's gradient in backward,
+    then cast to the inputs' dtypes); the NLL output is a report and carries none."""
+
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         keep = target != PAD_ID  # (N,)
         weight_mean = weight.float().mean(dim=0)  # (D,)
-        grad_features = torch.empty_like(features)  # (N, D)
+        autocasting = torch.is_autocast_enabled(features.device.type)
+        grad_features = torch.empty(features.shape, dtype=torch.float32, device=features.device)  # (N, D)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
         loss = nll = features.new_zeros((), dtype=torch.float32)
         for rows in range(0, features.size(0), ROWS_PER_CHUNK):
@@ -60,16 +64,23 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             # softmax - smoothed target, in the logits' buffer; padding rows become zero
             grad = exp.mul_(kept / total).sub_(kept * (smoothing / exp.size(1)))
             grad.scatter_add_(1, target[part].unsqueeze(1), kept * (smoothing - 1.0))
-            grad_features[part] = grad @ weight
-            grad_weight += grad.t() @ h
+            if autocasting:  # products in the autocast dtype, accumulated in float32
+                grad_features[part] = grad @ weight
+                grad_weight += grad.t() @ h
+            else:  # no temporaries
+                torch.mm(grad, weight, out=grad_features[part])
+                grad_weight.addmm_(grad.t(), h)
         ctx.save_for_backward(grad_features, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = features.dtype, weight.dtype
+        ctx.mark_non_differentiable(nll)
         return loss, nll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor, Tensor, None, None]:  # type: ignore[override]
         grad_features, grad_weight = ctx.saved_tensors
-        return grad_features * grad_loss.to(grad_features.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype), None, None
+        features_dtype, weight_dtype = ctx.dtypes
+        return (grad_features * grad_loss).to(features_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
 
 
 def label_smoothed_loss(features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:

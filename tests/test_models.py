@@ -252,6 +252,17 @@ def test_bf16_autocast_step_returns_float32(name: str) -> None:
         assert model(src, src_mask, tgt).shape == (4, 6, VOCAB)
 
 
+@pytest.mark.parametrize("name", ["transformer-pre", "transformer-post", "lstm-general", "gru-no-feeding"])
+@torch.no_grad()
+def test_features_only_is_what_the_output_layer_projects(name: str) -> None:
+    """The fused training loss projects `features_only` itself: it must be exactly the logits' input."""
+    model = make_model(name)
+    src, src_mask, tgt, _ = toy_batch()
+    features = model(src, src_mask, tgt, features_only=True)
+    assert features.shape[:2] == tgt.shape and features.shape[2] != VOCAB
+    torch.testing.assert_close(model.output(features), model(src, src_mask, tgt), rtol=0, atol=0)
+
+
 # A tiny translation task: reverse the source and map each of 8 symbols to another one.
 SYMBOLS = 8
 TASK_VOCAB = 4 + SYMBOLS
