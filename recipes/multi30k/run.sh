@@ -68,5 +68,5 @@ done
 echo
 echo "Translate with a trained model (the checkpoint and alpha chosen on valid):"
 first=${models%% *}
-read -r ckpt alpha < <(python -c "import json, sys; c = json.load(open(sys.argv[1]))['chosen']; print(*c.split(' alpha='))" "$work/$first/selection.json")
+read -r ckpt alpha < <(python -c "import json, sys; c = json.load(open(sys.argv[1]))['chosen']; print(c['checkpoint'], c['alpha'])" "$work/$first/selection.json")
 echo "   echo 'A man is riding a bicycle.' | nmt translate -m $work/$first/$ckpt.pt --alpha $alpha"

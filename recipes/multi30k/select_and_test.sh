@@ -4,7 +4,8 @@
 # Usage: recipes/multi30k/select_and_test.sh RUN_DIR WORK_DIR
 #   RUN_DIR   an `nmt train` run directory
 #   WORK_DIR  holds valid.src/valid.ref and test.src/test.ref (written by run.sh)
-# Writes RUN_DIR/selection.json (every valid score) and RUN_DIR/test.{hyp,json,moses.json}.
+# Writes RUN_DIR/selection.json (every valid score, and "chosen": {"checkpoint": "best" or "averaged",
+# "alpha": A}) and RUN_DIR/test.{hyp,json,moses.json}.
 set -euo pipefail
 run=${1:?usage: select_and_test.sh RUN_DIR WORK_DIR}
 work=${2:?usage: select_and_test.sh RUN_DIR WORK_DIR}
@@ -28,11 +29,12 @@ scores = {
     f"{ckpt} alpha={alpha}": json.loads((run / "sweep" / f"valid.{ckpt}.{alpha}.json").read_text())["scores"]["bleu"]["score"]
     for ckpt in ("best", "averaged") for alpha in alphas
 }
-chosen = max(scores, key=scores.get)
+best = max(scores, key=scores.get)
+ckpt, alpha = best.split(" alpha=")
+chosen = {"checkpoint": ckpt, "alpha": float(alpha)}
 (run / "selection.json").write_text(json.dumps({"valid_bleu": scores, "chosen": chosen}, indent=1) + "\n")
 for name, score in scores.items():
-    print(f"   valid BLEU {score:6.2f}  {name}{'   <- chosen' if name == chosen else ''}", file=sys.stderr)
-ckpt, alpha = chosen.split(" alpha=")
+    print(f"   valid BLEU {score:6.2f}  {name}{'   <- chosen' if name == best else ''}", file=sys.stderr)
 print(ckpt, alpha)
 PY
 )
