@@ -89,11 +89,11 @@ class TrainConfig:
     weight_decay: float = 0.0  # applied to weight matrices only, never to biases, norms or embeddings
     clip_norm: float = 1.0  # gradient norm clipping; 0 = off
     label_smoothing: float = 0.1
-    scheduler: str = "inverse_sqrt"  # "inverse_sqrt", "noam", "plateau" or "constant"
-    warmup: int = 4000  # linear warm-up updates (inverse_sqrt, noam)
+    scheduler: str = "inverse_sqrt"  # "inverse_sqrt", "noam", "cosine" (to max_updates), "plateau" or "constant"
+    warmup: int = 4000  # linear warm-up updates
     plateau_factor: float = 0.5  # plateau: multiply the rate by this when validation stops improving
     plateau_patience: int = 2  # plateau: validations without improvement before decaying
-    min_lr: float = 1e-6  # plateau: never decay below this
+    min_lr: float = 1e-6  # plateau: never decay below this; cosine: the rate at max_updates
     valid_every: int = 1000  # validate every N updates (and at every epoch end); 0 = epoch end only
     valid_bleu: bool = True  # also decode the validation set (greedy) for BLEU and chrF
     valid_max_sentences: int = 0  # decode only the first N validation sentences; 0 = all

@@ -11,7 +11,7 @@ from torch import nn
 from nmt.config import TrainConfig
 from nmt.errors import NmtError
 
-SCHEDULERS = ("inverse_sqrt", "noam", "plateau", "constant")
+SCHEDULERS = ("inverse_sqrt", "noam", "cosine", "plateau", "constant")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -37,6 +37,8 @@ class LearningRate:
 
     inverse_sqrt: linear warm-up to `lr`, then lr * sqrt(warmup / update) (fairseq).
     noam: lr * d_model**-0.5 * min(update**-0.5, update * warmup**-1.5) (Vaswani et al.).
+    cosine: linear warm-up, then half a cosine from lr down to min_lr at `max_updates` (Loshchilov &
+    Hutter 2017): for a fixed budget, annealing to the end beats a rate still high when the budget ends.
     plateau / constant: linear warm-up (if any) to `lr`; plateau multiplies the rate
     by `plateau_factor` after `plateau_patience` validations without improvement.
     """
@@ -46,6 +48,8 @@ class LearningRate:
             raise NmtError(f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if config.scheduler in ("inverse_sqrt", "noam") and config.warmup <= 0:
             raise NmtError(f"scheduler {config.scheduler} needs train.warmup > 0")
+        if config.scheduler == "cosine" and config.max_updates <= config.warmup:
+            raise NmtError("scheduler cosine needs train.max_updates (where the decay ends) above train.warmup")
         self.config = config
         self.d_model = d_model
         self.scale = 1.0  # plateau decay so far
@@ -60,6 +64,9 @@ class LearningRate:
             return c.lr * min(u / c.warmup, math.sqrt(c.warmup / u))
         if c.scheduler == "noam":
             return c.lr * self.d_model**-0.5 * min(u**-0.5, u * c.warmup**-1.5)
+        if c.scheduler == "cosine" and u > c.warmup:
+            progress = min(1.0, (u - c.warmup) / (c.max_updates - c.warmup))
+            return c.min_lr + (c.lr - c.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
         return max(c.lr * warm * self.scale, c.min_lr if self.scale < 1.0 else 0.0)
 
     def apply(self, optimizer: torch.optim.Optimizer, update: int) -> float:

@@ -28,6 +28,15 @@ def test_noam_schedule_values() -> None:
     assert schedule.at(16000) == pytest.approx(schedule.at(4000) / 2)
 
 
+def test_cosine_schedule_values() -> None:
+    schedule = LearningRate(TrainConfig(lr=1e-3, warmup=100, scheduler="cosine", max_updates=1100, min_lr=1e-5), 256)
+    assert schedule.at(50) == pytest.approx(5e-4)  # warm-up
+    assert schedule.at(100) == pytest.approx(1e-3)
+    assert schedule.at(600) == pytest.approx((1e-3 + 1e-5) / 2)  # half way down
+    assert schedule.at(1100) == pytest.approx(1e-5)
+    assert schedule.at(5000) == pytest.approx(1e-5)  # past max_updates (a resumed run with a larger limit)
+
+
 def test_plateau_decays_after_patience_and_respects_floor() -> None:
     schedule = LearningRate(TrainConfig(lr=1e-3, warmup=0, scheduler="plateau", plateau_patience=2, plateau_factor=0.5, min_lr=3e-4), 256)
     assert schedule.observe(10.0, True) is False
@@ -45,7 +54,9 @@ def test_plateau_decays_after_patience_and_respects_floor() -> None:
 
 def test_schedule_errors() -> None:
     with pytest.raises(NmtError, match="unknown scheduler"):
-        LearningRate(TrainConfig(scheduler="cosine"), 256)
+        LearningRate(TrainConfig(scheduler="exponential"), 256)
+    with pytest.raises(NmtError, match="max_updates"):
+        LearningRate(TrainConfig(scheduler="cosine", warmup=100, max_updates=0), 256)
     with pytest.raises(NmtError, match="warmup > 0"):
         LearningRate(TrainConfig(scheduler="noam", warmup=0), 256)
 
