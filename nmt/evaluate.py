@@ -115,7 +115,8 @@ def make_metric(name: str, tokenize: str = DEFAULT_TOKENIZER, lowercase: bool = 
     if name == "bleu":
         check_tokenizer(tokenize)
         try:
-            return BLEU(tokenize=tokenize, lowercase=lowercase, effective_order=sentence_level)
+            # tokenize="none" scores text tokenised on purpose (e.g. --moses): no "forgot to detokenize" warning
+            return BLEU(tokenize=tokenize, lowercase=lowercase, effective_order=sentence_level, force=tokenize == "none")
         except (RuntimeError, ImportError, OSError, AssertionError) as exc:
             # ja-mecab / ko-mecab need extras; the spm family downloads a model.
             raise NmtError(f"tokenizer {tokenize!r} is unavailable: {' '.join(str(exc).split())}") from None

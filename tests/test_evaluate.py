@@ -243,6 +243,15 @@ def test_read_stream_strips_newlines_and_keeps_blank_lines() -> None:
     assert read_stream(io.BytesIO("a b\r\n\nc ü\n".encode())) == ["a b", "", "c ü"]
 
 
+def test_pretokenised_text_scored_with_tokenize_none_gets_no_detokenize_warning(caplog: pytest.LogCaptureFixture) -> None:
+    lines = [f"Satz Nummer {i} ." for i in range(200)]  # sacreBLEU warns above 100 lines ending in " ."
+    with caplog.at_level("WARNING"):
+        assert corpus_scores(lines, lines, metrics=("bleu",), tokenize="none")["bleu"].score == pytest.approx(100.0)
+        assert "detokenize" not in caplog.text
+        corpus_scores(lines, lines, metrics=("bleu",))
+        assert "detokenize" in caplog.text  # the warning stays for the default tokenizer
+
+
 def test_moses_tokenised_bleu_matches_scoring_pretokenised_text() -> None:
     pytest.importorskip("sacremoses")
     from nmt.evaluate import moses_tokenize
