@@ -44,32 +44,46 @@ def _chunk_loss(
     return (1.0 - smoothing) * nll + smoothing * uniform, nll, exp, total
 
 
+def _projected_loss(
+    features: Tensor, weight: Tensor, target: Tensor, smoothing: float, with_gradients: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """features (N, D), target (N,) -> summed loss, summed NLL and, if asked, the float32 gradients
+    of the loss with respect to features (N, D) and weight (V, D), one chunk of rows at a time."""
+    keep = target != PAD_ID  # (N,)
+    weight_mean = weight.float().mean(dim=0)  # (D,)
+    autocasting = torch.is_autocast_enabled(features.device.type)
+    grad_features = grad_weight = None
+    if with_gradients:
+        grad_features = torch.empty(features.shape, dtype=torch.float32, device=features.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    loss = nll = features.new_zeros((), dtype=torch.float32)
+    for rows in range(0, features.size(0), ROWS_PER_CHUNK):
+        part = slice(rows, rows + ROWS_PER_CHUNK)
+        h = features[part]  # (n, D)
+        chunk_loss, chunk_nll, exp, total = _chunk_loss(h, weight, weight_mean, target[part], keep[part], smoothing)
+        loss, nll = loss + chunk_loss, nll + chunk_nll
+        if grad_features is None or grad_weight is None:  # validation: the loss only
+            continue
+        # softmax - smoothed target, in the logits' buffer; padding rows become zero
+        kept = keep[part].unsqueeze(1).float()  # (n, 1)
+        grad = exp.mul_(kept / total).sub_(kept * (smoothing / exp.size(1)))
+        grad.scatter_add_(1, target[part].unsqueeze(1), kept * (smoothing - 1.0))
+        if autocasting:  # products in the autocast dtype, accumulated in float32
+            grad_features[part] = grad @ weight
+            grad_weight += grad.t() @ h
+        else:  # no temporaries
+            torch.mm(grad, weight, out=grad_features[part])
+            grad_weight.addmm_(grad.t(), h)
+    return loss, nll, grad_features, grad_weight
+
+
 class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     """Gradients are computed in the forward pass, in float32 (scaled by the loss's gradient in backward,
     then cast to the inputs' dtypes); the NLL output is a report and carries none."""
 
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        keep = target != PAD_ID  # (N,)
-        weight_mean = weight.float().mean(dim=0)  # (D,)
-        autocasting = torch.is_autocast_enabled(features.device.type)
-        grad_features = torch.empty(features.shape, dtype=torch.float32, device=features.device)  # (N, D)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (V, D)
-        loss = nll = features.new_zeros((), dtype=torch.float32)
-        for rows in range(0, features.size(0), ROWS_PER_CHUNK):
-            part = slice(rows, rows + ROWS_PER_CHUNK)
-            h, kept = features[part], keep[part].unsqueeze(1).float()  # (n, D), (n, 1)
-            chunk_loss, chunk_nll, exp, total = _chunk_loss(h, weight, weight_mean, target[part], keep[part], smoothing)
-            loss, nll = loss + chunk_loss, nll + chunk_nll
-            # softmax - smoothed target, in the logits' buffer; padding rows become zero
-            grad = exp.mul_(kept / total).sub_(kept * (smoothing / exp.size(1)))
-            grad.scatter_add_(1, target[part].unsqueeze(1), kept * (smoothing - 1.0))
-            if autocasting:  # products in the autocast dtype, accumulated in float32
-                grad_features[part] = grad @ weight
-                grad_weight += grad.t() @ h
-            else:  # no temporaries
-                torch.mm(grad, weight, out=grad_features[part])
-                grad_weight.addmm_(grad.t(), h)
+        loss, nll, grad_features, grad_weight = _projected_loss(features, weight, target, smoothing, with_gradients=True)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = features.dtype, weight.dtype
         ctx.mark_non_differentiable(nll)
@@ -96,10 +110,5 @@ def label_smoothed_loss(features: Tensor, weight: Tensor, target: Tensor, smooth
     if torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad):
         loss, nll = _ProjectedSmoothedCrossEntropy.apply(flat, weight, target, float(smoothing))
         return loss, nll.detach()
-    keep, weight_mean = target != PAD_ID, weight.float().mean(dim=0)
-    loss = nll = flat.new_zeros((), dtype=torch.float32)
-    for rows in range(0, flat.size(0), ROWS_PER_CHUNK):  # validation: the same chunks, no gradients
-        part = slice(rows, rows + ROWS_PER_CHUNK)
-        chunk_loss, chunk_nll, _, _ = _chunk_loss(flat[part], weight, weight_mean, target[part], keep[part], smoothing)
-        loss, nll = loss + chunk_loss, nll + chunk_nll
+    loss, nll, _, _ = _projected_loss(flat, weight, target, float(smoothing), with_gradients=False)  # validation
     return loss, nll

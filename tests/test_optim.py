@@ -112,11 +112,12 @@ def test_fused_loss_gradients_equal_autograd_reference(precision: str, monkeypat
     (reference * 0.5).backward()
     reference_nll = torch.nn.functional.cross_entropy(logits, target.view(-1), ignore_index=PAD_ID, reduction="sum")
     tolerance = 1e-5 if precision == "fp32" else 2e-2
+    gradient_atol = 1e-6 if precision == "fp32" else 0.2  # fp32: as strict as the logits-gradient test it replaced
     assert loss.item() == pytest.approx(reference.item(), rel=tolerance)
     assert nll.item() == pytest.approx(reference_nll.item(), rel=tolerance) and not nll.requires_grad
     assert ours[0].dtype == features.dtype and ours[1].dtype == weight.dtype
-    assert torch.allclose(ours[0], features.grad, rtol=tolerance, atol=tolerance * 10)
-    assert torch.allclose(ours[1], weight.grad, rtol=tolerance, atol=tolerance * 10)
+    assert torch.allclose(ours[0], features.grad, rtol=tolerance, atol=gradient_atol)
+    assert torch.allclose(ours[1], weight.grad, rtol=tolerance, atol=gradient_atol)
     assert ours[0][0, 5:].abs().max() == 0  # padding positions get no gradient
 
 
