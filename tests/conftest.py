@@ -71,6 +71,7 @@ def toy_data(corpus_dir: Path, joint_spm: Path, tmp_path_factory: pytest.TempPat
 TINY_TRANSFORMER = [
     "model.d_model=32", "model.heads=2", "model.ffn_dim=64", "model.enc_layers=1", "model.dec_layers=1",
     "train.max_tokens=600", "train.warmup=4", "train.lr=0.003", "train.log_every=1", "train.threads=1",
+    "train.precision=fp32",  # "auto" would measure the CPU and could pick bf16: tests run in fp32
 ]
 
 
@@ -78,8 +79,10 @@ TINY_TRANSFORMER = [
 def tiny_models(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The last checkpoint of a tiny Transformer and a tiny GRU trained briefly on the toy data.
 
-    Each run directory also holds the checkpoint of its half-way update (for averaging).
-    Enough updates that greedy and beam outputs are non-empty and differ between sentences.
+    What such a model outputs depends on the CPU's rounding, so tests use these only for
+    invariants (batched == alone, beam 1 == greedy, CLI == library), never for what they
+    translate; plumbing tests use `copy_model`. Each run directory also holds the checkpoint
+    of its half-way update (for averaging).
     """
     from nmt.config import Config, merge, parse_overrides
     from nmt.train import Trainer
@@ -96,3 +99,22 @@ def tiny_models(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
                                        f"train.max_updates={updates}", f"train.valid_every={updates // 2}"]))
         models[name] = Trainer(config).train().last_checkpoint
     return models
+
+
+@pytest.fixture(scope="session")
+def copy_spm(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small joint SentencePiece model (64 pieces, no byte fallback) that keeps `copy_model` narrow."""
+    from nmt.tokenizer import train_sentencepiece
+
+    prefix = tmp_path_factory.mktemp("copy_spm") / "joint"
+    train_sentencepiece([corpus_dir / "train.en", corpus_dir / "train.de"], prefix, vocab_size=64, byte_fallback=False)
+    return Path(f"{prefix}.model")
+
+
+@pytest.fixture(scope="session")
+def copy_model(copy_spm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Transformer checkpoint set, not trained, to copy its input: its output is known on every machine."""
+    from nmt.tokenizer import Tokenizer
+    from tests.copy_model import save_copy_checkpoint
+
+    return save_copy_checkpoint(Tokenizer.load(copy_spm), tmp_path_factory.mktemp("copy") / "copy.pt")

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from nmt.checkpoint import load_checkpoint
 from nmt.evaluate import compare, corpus_scores, sentence_scores
 
 runner = CliRunner()
@@ -177,21 +178,26 @@ def test_help_lists_the_options() -> None:
         assert option in result.stdout
 
 
-def test_model_translates_and_scores_like_translate_then_eval(tiny_models: dict[str, Path], corpus_dir: Path, tmp_path: Path) -> None:
+def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
     src, ref = corpus_dir / "valid.en", corpus_dir / "valid.de"
-    decoding = ["--beam", "3", "--alpha", "1.0", "--batch-tokens", "200", "--device", "cpu", "--threads", "1"]
-    checkpoint = str(tiny_models["gru"])
+    decoding = ["--beam", "3", "--alpha", "1.0", "--batch-tokens", "200", "--device", "cpu", "--threads", "1", "--precision", "fp32"]
+    checkpoint = str(copy_model)
     one_go = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--metrics", "bleu,chrf", "--hyp-out", str(tmp_path / "h.txt"), *decoding)
     translated = runner.invoke(app, ["translate", "-m", checkpoint, "-i", str(src), "-o", str(tmp_path / "t.txt"), *decoding])
     assert translated.exit_code == 0, translated.output
     assert (tmp_path / "h.txt").read_text(encoding="utf-8") == (tmp_path / "t.txt").read_text(encoding="utf-8")
+    assert (tmp_path / "h.txt").read_text(encoding="utf-8") == src.read_text(encoding="utf-8")  # the model copies
     two_steps = run_json("--hyp", str(tmp_path / "t.txt"), "-r", str(ref), "--metrics", "bleu,chrf")
     assert one_go["scores"] == two_steps["scores"] and one_go["lines"] == 40
     assert one_go["hyp"] == str(tmp_path / "h.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.txt", "t.txt"]
-    # the decoding options reach the model: greedy search gives other hypotheses than this beam
-    greedy = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--beam", "1", "--device", "cpu", "--threads", "1")
-    assert greedy["hyp"] == checkpoint and greedy["scores"]["bleu"]["details"] != one_go["scores"]["bleu"]["details"]
+    # the decoding options reach the model: a length limit of two tokens and EOS cuts every copy short
+    short = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--max-len-a", "0", "--max-len-b", "3",
+                     "--hyp-out", str(tmp_path / "short.txt"), "--device", "cpu", "--threads", "1", "--precision", "fp32")
+    assert short["hyp"] == str(tmp_path / "short.txt") and short["scores"]["bleu"]["details"] != one_go["scores"]["bleu"]["details"]
+    tokenizer = load_checkpoint(copy_model).src_tokenizer
+    expected = [tokenizer.decode(tokenizer.encode(line)[:2]) for line in src.read_text(encoding="utf-8").splitlines()]
+    assert (tmp_path / "short.txt").read_text(encoding="utf-8").splitlines() == expected
 
 
 @pytest.mark.parametrize(
@@ -206,10 +212,10 @@ def test_model_translates_and_scores_like_translate_then_eval(tiny_models: dict[
         (["-m", "{model}", "--src", "{hyp}", "--quantize", "int4"], "unknown quantization 'int4'"),
     ],
 )
-def test_model_errors(files: dict[str, Path], tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
-    names = {**{k: str(v) for k, v in files.items()}, "model": str(tiny_models["transformer"]), "out": str(tmp_path / "out.txt"),
+def test_model_errors(files: dict[str, Path], copy_model: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    names = {**{k: str(v) for k, v in files.items()}, "model": str(copy_model), "out": str(tmp_path / "out.txt"),
              "missing": str(tmp_path / "missing.pt"), "short": str(write(tmp_path / "short.txt", HYPS[:3]))}
-    result = runner.invoke(app, ["eval", *(a.format(**names) for a in args), "-r", str(files["ref"]), "--threads", "1"])
+    result = runner.invoke(app, ["eval", *(a.format(**names) for a in args), "-r", str(files["ref"]), "--threads", "1", "--precision", "fp32"])
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message.format(**names) in lines[0], result.stderr

@@ -20,7 +20,8 @@ from tests.conftest import make_parallel
 
 runner = CliRunner()
 SOURCES = make_parallel(8, seed=7)[0]
-CPU = ["--device", "cpu", "--threads", "1"]
+GERMAN = "ein junges mädchen läuft auf der straße"  # non-ASCII output from the copying model
+CPU = ["--device", "cpu", "--threads", "1", "--precision", "fp32"]
 
 
 def nmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.CompletedProcess[bytes]:
@@ -32,7 +33,7 @@ def nmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.Comple
 
 def translations(checkpoint: Path, texts: list[str], **decode: object) -> list[str]:
     ckpt = load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1).translate(texts)
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1, precision="fp32").translate(texts)
 
 
 def assert_one_line_error(exit_code: int, stderr: str, message: str) -> None:
@@ -42,16 +43,16 @@ def assert_one_line_error(exit_code: int, stderr: str, message: str) -> None:
     assert "Traceback" not in stderr
 
 
-def test_stdin_to_stdout_equals_the_translator(tiny_models: dict[str, Path]) -> None:
-    lines = [SOURCES[0], "", SOURCES[1], "   ", SOURCES[2] + "\r", "", SOURCES[3]]
+def test_stdin_to_stdout_copies_exactly(copy_model: Path) -> None:
+    """The copying model's output is known in advance: streams, order, empty lines and UTF-8 are checked exactly."""
+    lines = [SOURCES[0], "", SOURCES[1], "   ", SOURCES[2] + "\r", "", GERMAN]
     stdin = "\n".join(lines).encode()  # CRLF on one line, no newline after the last
     # UTF-8 in, so UTF-8 out, even where the locale's encoding is ASCII
-    result = nmt("translate", "-m", str(tiny_models["transformer"]), *CPU, stdin=stdin, PYTHONIOENCODING="ascii")
+    result = nmt("translate", "-m", str(copy_model), *CPU, stdin=stdin, PYTHONIOENCODING="ascii")
     assert result.returncode == 0, result.stderr.decode()
-    expected = translations(tiny_models["transformer"], [line.rstrip("\r") for line in lines])
-    assert [expected[i] for i in (1, 3, 5)] == ["", "", ""] and all(expected[i] for i in (0, 2, 4, 6))
-    assert not "".join(expected).isascii()
+    expected = [SOURCES[0], "", SOURCES[1], "", SOURCES[2], "", GERMAN]
     assert result.stdout.decode() == "".join(t + "\n" for t in expected)  # one line per input, in order
+    assert translations(copy_model, [line.rstrip("\r") for line in lines]) == expected  # CLI == library
     assert result.stderr == b""
 
 
@@ -61,17 +62,17 @@ def _read_line(stream, timeout: float = 120) -> bytes:  # noqa: ANN001
     return stream.readline()
 
 
-def test_streaming_answers_each_line_before_stdin_closes(tiny_models: dict[str, Path]) -> None:
+def test_streaming_answers_each_line_before_stdin_closes(copy_model: Path) -> None:
     exe = Path(sys.executable).with_name("nmt")
-    checkpoint = tiny_models["gru"]
-    expected = translations(checkpoint, SOURCES[:2], beam=2)
+    checkpoint = copy_model
+    lines = [SOURCES[0], GERMAN]  # the copying model translates each line into itself
     with subprocess.Popen([str(exe), "translate", "-m", str(checkpoint), "--beam", "2", *CPU],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:
-            for text, translation in zip(SOURCES[:2], expected):
-                proc.stdin.write(text.encode() + b"\n")
+            for line in lines:
+                proc.stdin.write(line.encode() + b"\n")
                 proc.stdin.flush()
-                assert _read_line(proc.stdout) == translation.encode() + b"\n"
+                assert _read_line(proc.stdout) == line.encode() + b"\n"
             proc.stdin.close()
             assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
             assert proc.stdout.read() == b""
@@ -79,72 +80,75 @@ def test_streaming_answers_each_line_before_stdin_closes(tiny_models: dict[str, 
             proc.kill()
 
 
-def test_files_with_nbest(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_files_with_nbest(copy_model: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
-    source.write_text(f"{SOURCES[0]}\n\n{SOURCES[1]}\n", encoding="utf-8")
+    source.write_text(f"{SOURCES[0]}\n\n{GERMAN}\n", encoding="utf-8")
     out = tmp_path / "out.txt"
-    result = nmt("translate", "-m", str(tiny_models["transformer"]), "-i", str(source), "-o", str(out), "--nbest", "3", *CPU)
+    result = nmt("translate", "-m", str(copy_model), "-i", str(source), "-o", str(out), "--beam", "5", "--nbest", "3", *CPU)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"" and b"Translation" in result.stderr  # the summary, on stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temporary file left
-    ckpt = load_checkpoint(tiny_models["transformer"])
-    tr = Translator(ckpt, decode=replace(ckpt.config.decode, nbest=3), device="cpu", threads=1)
-    expected = tr.translate_nbest([SOURCES[0], "", SOURCES[1]])
+    ckpt = load_checkpoint(copy_model)
+    tr = Translator(ckpt, decode=replace(ckpt.config.decode, beam=5, nbest=3), device="cpu", threads=1, precision="fp32")
+    expected = tr.translate_nbest([SOURCES[0], "", GERMAN])
     rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
     assert [int(r[0]) for r in rows] == [0, 0, 0, 1, 2, 2, 2]  # n per input, one for an empty input
+    assert [rows[i][2] for i in (0, 3, 4)] == [SOURCES[0], "", GERMAN]  # the copy is the best
+    assert rows[3][1] == "0.0000"
     assert [r[2] for r in rows] == [h.text for hyps in expected for h in hyps]
     assert [float(r[1]) for r in rows] == pytest.approx([h.score for hyps in expected for h in hyps], abs=1e-4)
     assert all(len(r[1].split(".")[1]) == 4 for r in rows)
 
 
-def test_input_can_be_a_pipe(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_input_can_be_a_pipe(copy_model: Path, tmp_path: Path) -> None:
     """`-i /dev/stdin` reads the pipe once (no line count first) and is not taken for an empty file."""
     out = tmp_path / "out.txt"
     stdin = "".join(line + "\n" for line in SOURCES[:3]).encode()
-    result = nmt("translate", "-m", str(tiny_models["transformer"]), "-i", "/dev/stdin", "-o", str(out), *CPU, stdin=stdin)
+    result = nmt("translate", "-m", str(copy_model), "-i", "/dev/stdin", "-o", str(out), *CPU, stdin=stdin)
     assert result.returncode == 0, result.stderr.decode()
-    assert out.read_text(encoding="utf-8") == "".join(t + "\n" for t in translations(tiny_models["transformer"], SOURCES[:3]))
+    assert out.read_text(encoding="utf-8") == stdin.decode()
     # prepare reads its files twice (count, then encode): a pipe is refused in one line there
     piped = nmt("prepare", "-o", str(tmp_path / "data"), "--train-src", "/dev/stdin", "--train-tgt", "/dev/stdin",
                 "--train-tokenizer", stdin=stdin)
     assert_one_line_error(piped.returncode, piped.stderr.decode(), "/dev/stdin: is a pipe or device")
 
 
-def test_scores_and_int8_through_the_runner(tiny_models: dict[str, Path]) -> None:
-    checkpoint = str(tiny_models["transformer"])
+def test_scores_and_int8_through_the_runner(copy_model: Path) -> None:
+    checkpoint = str(copy_model)
     stdin = "\n".join(SOURCES[:3]) + "\n"
     result = runner.invoke(app, ["translate", "-m", checkpoint, "--scores", "--beam", "2", *CPU], input=stdin)
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(checkpoint)
-    expected = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", threads=1).translate_nbest(SOURCES[:3])
+    expected = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", threads=1, precision="fp32").translate_nbest(SOURCES[:3])
     assert result.stdout == "".join(f"{hyps[0].score:.4f}\t{hyps[0].text}\n" for hyps in expected)
+    assert [line.split("\t")[1] for line in result.stdout.splitlines()] == SOURCES[:3]
     quantized = runner.invoke(app, ["translate", "-m", checkpoint, "--quantize", "int8", *CPU], input=stdin)
     assert quantized.exit_code == 0, quantized.output
-    assert len(quantized.stdout.splitlines()) == 3 and all(quantized.stdout.splitlines())
+    assert quantized.stdout.splitlines() == SOURCES[:3]  # int8 keeps the copy's wide margins
     assert quantized.stderr == ""  # torch's quantization notices are not shown
 
 
-def test_error_as_subprocess(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_error_as_subprocess(copy_model: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(tiny_models["transformer"].read_bytes()[:5000])
+    truncated.write_bytes(copy_model.read_bytes()[:5000])
     result = nmt("translate", "-m", str(truncated), *CPU, stdin=b"a man\n")
     assert_one_line_error(result.returncode, result.stderr.decode(), f"{truncated}: corrupt or truncated checkpoint")
     assert result.stdout == b""
 
 
-def test_invalid_utf8_stops_or_is_replaced(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_invalid_utf8_stops_or_is_replaced(copy_model: Path, tmp_path: Path) -> None:
     stdin = b"fine\n\xff\xfe a man\n" + SOURCES[0].encode() + b"\n"
-    strict = runner.invoke(app, ["translate", "-m", str(tiny_models["transformer"]), *CPU], input=stdin)
+    strict = runner.invoke(app, ["translate", "-m", str(copy_model), *CPU], input=stdin)
     assert_one_line_error(strict.exit_code, strict.stderr, "stdin: line 2 is not valid UTF-8 (byte 0); use --errors replace")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(stdin)
-    to_file = runner.invoke(app, ["translate", "-m", str(tiny_models["transformer"]), "-i", str(bad), "-o", str(tmp_path / "out.txt"), *CPU])
+    to_file = runner.invoke(app, ["translate", "-m", str(copy_model), "-i", str(bad), "-o", str(tmp_path / "out.txt"), *CPU])
     assert_one_line_error(to_file.exit_code, to_file.stderr, f"{bad}: line 2 is not valid UTF-8 (byte 0)")
     assert [p.name for p in tmp_path.iterdir()] == ["bad.txt"]  # nothing written, no temporary file left
-    result = runner.invoke(app, ["translate", "-m", str(tiny_models["transformer"]), "--errors", "replace", *CPU], input=stdin)
+    result = runner.invoke(app, ["translate", "-m", str(copy_model), "--errors", "replace", *CPU], input=stdin)
     assert result.exit_code == 0, result.output
-    expected = translations(tiny_models["transformer"], ["fine", "\ufffd\ufffd a man", SOURCES[0]])
-    assert result.stdout.splitlines() == expected
+    expected = translations(copy_model, ["fine", "\ufffd\ufffd a man", SOURCES[0]])
+    assert result.stdout.splitlines() == expected and expected[2] == SOURCES[0]
 
 
 @pytest.mark.parametrize(
@@ -162,28 +166,57 @@ def test_invalid_utf8_stops_or_is_replaced(tiny_models: dict[str, Path], tmp_pat
         (["-m", "{model}", "--length-penalty", "cubic"], "unknown length penalty 'cubic'"),
     ],
 )
-def test_errors_are_one_line(tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
-    payload = torch.load(tiny_models["transformer"], weights_only=True)
+def test_errors_are_one_line(copy_model: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    payload = torch.load(copy_model, weights_only=True)
     torch.save({**payload, "version": 99}, tmp_path / "future.pt")
-    names = {"missing": str(tmp_path / "missing.pt"), "future": str(tmp_path / "future.pt"), "model": str(tiny_models["transformer"])}
-    result = runner.invoke(app, ["translate", *(a.format(**names) for a in args), *CPU], input="a man\n")
+    names = {"missing": str(tmp_path / "missing.pt"), "future": str(tmp_path / "future.pt"), "model": str(copy_model)}
+    result = runner.invoke(app, ["translate", *CPU, *(a.format(**names) for a in args)], input="a man\n")  # args win
     assert_one_line_error(result.exit_code, result.stderr, message.format(**names))
     assert isinstance(result.exception, SystemExit) and result.stdout == ""
 
 
-def test_average_two_checkpoints_and_last_n(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    run = tiny_models["transformer"].parent
-    first, last = sorted(run.glob("update_*.pt"))[-2:]
+@pytest.fixture
+def copy_run(copy_model: Path, tmp_path: Path) -> Path:
+    """A run directory with two checkpoints of the copying model that differ in weights the copy never reads
+    (the encoder FFN's first layer feeds a zeroed second layer), so their average still copies."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = load_checkpoint(copy_model)
+    for seed, update in ((1, 10), (2, 20)):
+        state = dict(ckpt.model_state)
+        key = "encoder.0.ffn.0.weight"
+        state[key] = torch.randn(state[key].shape, generator=torch.Generator().manual_seed(seed))
+        replace(ckpt, model_state=state).save(run / f"update_{update:08d}.pt")
+    return run
+
+
+@pytest.fixture
+def gru_checkpoint(copy_spm: Path, tmp_path: Path) -> Path:
+    """An untrained GRU over the copying model's tokenizer: another model, for the averaging errors."""
+    from nmt.checkpoint import Checkpoint
+    from nmt.config import Config, ModelConfig
+    from nmt.models import build_model
+    from nmt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(copy_spm)
+    config = Config(model=ModelConfig(arch="rnn", cell="gru", src_vocab_size=tokenizer.vocab_size, tgt_vocab_size=tokenizer.vocab_size,
+                                      joint_vocab=True, embed_dim=16, hidden_size=16, enc_layers=1, dec_layers=1))
+    Checkpoint(config, build_model(config.model).state_dict(), tokenizer, tokenizer).save(tmp_path / "gru.pt")
+    return tmp_path / "gru.pt"
+
+
+def test_average_two_checkpoints_and_last_n(copy_run: Path, tmp_path: Path) -> None:
+    first, last = sorted(copy_run.glob("update_*.pt"))
     result = runner.invoke(app, ["average", str(first), str(last), "-o", str(tmp_path / "avg.pt")])
     assert result.exit_code == 0, result.output
     averaged = load_checkpoint(tmp_path / "avg.pt")
     a, b = load_checkpoint(first).model_state, load_checkpoint(last).model_state
     assert averaged.train_state is None
+    assert not torch.equal(a["encoder.0.ffn.0.weight"], b["encoder.0.ffn.0.weight"])
     for key, value in averaged.model_state.items():
         assert torch.allclose(value, (a[key] + b[key]) / 2, atol=1e-6), key
-    out = translations(tmp_path / "avg.pt", SOURCES)
-    assert len(out) == len(SOURCES) and any(out)
-    result = runner.invoke(app, ["average", str(run), "--last", "2", "-o", str(tmp_path / "last.pt")])
+    assert translations(tmp_path / "avg.pt", SOURCES) == SOURCES  # the averaged model still copies
+    result = runner.invoke(app, ["average", str(copy_run), "--last", "2", "-o", str(tmp_path / "last.pt")])
     assert result.exit_code == 0, result.output
     again = load_checkpoint(tmp_path / "last.pt").model_state
     assert all(torch.equal(again[key], value) for key, value in averaged.model_state.items())
@@ -199,9 +232,9 @@ def test_average_two_checkpoints_and_last_n(tiny_models: dict[str, Path], tmp_pa
         (["{missing}"], "{missing}: no such checkpoint"),
     ],
 )
-def test_average_errors(tiny_models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+def test_average_errors(copy_model: Path, gru_checkpoint: Path, copy_run: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
-    names = {**{k: str(v) for k, v in tiny_models.items()}, "run": str(tiny_models["transformer"].parent),
+    names = {"transformer": str(copy_model), "gru": str(gru_checkpoint), "run": str(copy_run),
              "empty": str(tmp_path / "empty"), "missing": str(tmp_path / "missing.pt")}
     result = runner.invoke(app, ["average", *(a.format(**names) for a in args), "-o", str(tmp_path / "avg.pt")])
     assert_one_line_error(result.exit_code, result.stderr, message.format(**names))

@@ -16,17 +16,23 @@ from nmt.checkpoint import Checkpoint, load_checkpoint
 from nmt.data import encode_source, pad_sources
 from nmt.errors import NmtError
 from nmt.search import Hypothesis, beam_search
-from nmt.tokenizer import EOS_ID
+from nmt.tokenizer import EOS_ID, Tokenizer
 from nmt.translate import Translation, Translator, read_chunks, translate_ids
 from tests.conftest import make_parallel
+from tests.copy_model import copy_checkpoint
 
-MODELS = ("transformer", "gru")
+MODELS = ("copy", "transformer", "gru")  # set to copy; trained briefly (invariants only, see conftest)
 SOURCES = make_parallel(24, seed=5)[0]
+
+
+@pytest.fixture
+def models(copy_model: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
+    return {"copy": copy_model, **tiny_models}
 
 
 def translator(checkpoint: Path | Checkpoint, **decode: object) -> Translator:
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1)
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1, precision="fp32")
 
 
 def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]:
@@ -35,11 +41,11 @@ def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]
 
 @pytest.mark.parametrize("beam", [1, 5])
 @pytest.mark.parametrize("model", MODELS)
-def test_batch_invariance_and_order(tiny_models: dict[str, Path], model: str, beam: int) -> None:
-    tr = translator(tiny_models[model], beam=beam)
+def test_batch_invariance_and_order(models: dict[str, Path], model: str, beam: int) -> None:
+    tr = translator(models[model], beam=beam)
     alone = [tr.translate_nbest([text])[0][0] for text in SOURCES]
-    texts = [t.text for t in alone]
-    assert all(texts) and len(set(texts)) > len(SOURCES) // 2  # a real test: outputs are varied, not empty
+    if model == "copy":
+        assert [t.text for t in alone] == SOURCES  # fixed by construction: varied, never empty
     order = list(range(len(SOURCES)))
     random.Random(beam).shuffle(order)
     for batch_tokens in (4096, 40):  # one batch, and many small ones
@@ -51,14 +57,14 @@ def test_batch_invariance_and_order(tiny_models: dict[str, Path], model: str, be
             assert got.score == pytest.approx(alone[index].score, abs=1e-4)
 
 
-def test_empty_inputs_give_empty_translations(tiny_models: dict[str, Path]) -> None:
-    tr = translator(tiny_models["transformer"], beam=5, nbest=3)
+def test_empty_inputs_give_empty_translations(copy_model: Path) -> None:
+    tr = translator(copy_model, beam=5, nbest=3)
     texts = ["", SOURCES[0], "   ", "\t", SOURCES[1], ""]
     results = tr.translate_nbest(texts)
     assert len(results) == len(texts)
     for text, hypotheses in zip(texts, results):
         if text.strip():
-            assert len(hypotheses) == 3 and hypotheses[0].text
+            assert len(hypotheses) == 3 and hypotheses[0].text == text
         else:
             assert hypotheses == [Translation("", 0.0, [])]
     assert tr.translate([]) == []
@@ -66,21 +72,21 @@ def test_empty_inputs_give_empty_translations(tiny_models: dict[str, Path]) -> N
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_nbest_sorted_with_scores_and_top_equals_one_best(tiny_models: dict[str, Path], model: str) -> None:
-    nbest = translator(tiny_models[model], beam=5, nbest=3).translate_nbest(SOURCES)
-    one = translator(tiny_models[model], beam=5, nbest=1).translate_nbest(SOURCES)
+def test_nbest_sorted_with_scores_and_top_equals_one_best(models: dict[str, Path], model: str) -> None:
+    nbest = translator(models[model], beam=5, nbest=3).translate_nbest(SOURCES)
+    one = translator(models[model], beam=5, nbest=1).translate_nbest(SOURCES)
     for hypotheses, single in zip(nbest, one):
         assert len(hypotheses) == 3
         scores = [h.score for h in hypotheses]
-        assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+        assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
         assert len({tuple(h.tokens) for h in hypotheses}) == 3
         assert all(h.tokens[-1] == EOS_ID for h in hypotheses)
         assert (hypotheses[0].text, hypotheses[0].tokens) == (single[0].text, single[0].tokens)
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_beam_of_one_equals_greedy(tiny_models: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    tr = translator(tiny_models[model], beam=1)
+def test_beam_of_one_equals_greedy(models: dict[str, Path], model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = translator(models[model], beam=1)
     greedy = best(tr.translate_nbest(SOURCES))
     monkeypatch.setattr(nmt.translate, "search", beam_search)  # beam search itself with a beam of one
     beam = best(tr.translate_nbest(SOURCES))
@@ -88,33 +94,36 @@ def test_beam_of_one_equals_greedy(tiny_models: dict[str, Path], model: str, mon
     assert [s for *_, s in beam] == pytest.approx([s for *_, s in greedy], abs=1e-5)
 
 
-def test_long_input_is_truncated_with_a_warning(tiny_models: dict[str, Path]) -> None:
-    ckpt = load_checkpoint(tiny_models["transformer"])
+def test_long_input_is_truncated_with_a_warning(copy_spm: Path) -> None:
     limit = 16
-    small = replace(ckpt, config=replace(ckpt.config, model=replace(ckpt.config.model, max_positions=limit)))
+    small = copy_checkpoint(Tokenizer.load(copy_spm), max_positions=limit)
     warnings: list[str] = []
-    tr = Translator(small, decode=replace(ckpt.config.decode, beam=3), device="cpu", threads=1, warn=warnings.append)
+    tr = Translator(small, decode=replace(small.config.decode, beam=3), device="cpu", threads=1, precision="fp32", warn=warnings.append)
     long = " ".join(make_parallel(40, seed=9)[0])  # hundreds of tokens
     # a prefix of exactly `limit` tokens, EOS included, is not truncated
     fits = next(long[:n] for n in range(len(long)) if len(encode_source(tr.src_tokenizer, long[:n])) == limit)
     out = tr.translate_nbest(["a dog runs", long, fits], first_line=7)
     length = len(encode_source(tr.src_tokenizer, long))
     assert warnings == [f"line 8: {length} tokens, truncated to the model's limit of {limit}"]
-    assert [len(r) for r in out] == [1, 1, 1] and all(r[0].text for r in out)
-    assert all(len(r[0].tokens) <= limit for r in out)  # the output is bounded by the positions too
-    # the truncated line translates as its first limit - 1 tokens plus EOS
+    # the truncated line translates as its first limit - 1 tokens plus EOS: the copy shows exactly that
     kept = encode_source(tr.src_tokenizer, long)[: limit - 1] + [EOS_ID]
-    with torch.inference_mode():
-        expected = translate_ids(tr.model, [kept], tr.decode, 4096, tr.device)[0][0]
-    assert out[1][0].tokens == expected.tokens
+    assert [r[0].tokens for r in out] == [encode_source(tr.src_tokenizer, "a dog runs"), kept,
+                                          encode_source(tr.src_tokenizer, fits)]
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_int8_runs_and_stays_close_to_fp32(tiny_models: dict[str, Path], model: str) -> None:
-    ckpt = load_checkpoint(tiny_models[model])
-    decode = replace(ckpt.config.decode, beam=1)
-    fp32 = Translator(ckpt, decode=decode, device="cpu", threads=1)
-    int8 = Translator(ckpt, decode=decode, device="cpu", threads=1, quantize="int8")
+def test_int8_copies_as_fp32_does(copy_model: Path) -> None:
+    ckpt = load_checkpoint(copy_model)
+    int8 = Translator(ckpt, device="cpu", threads=1, quantize="int8", precision="fp32")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules())
+    assert int8.translate(SOURCES) == SOURCES
+
+
+def test_int8_output_distribution_stays_close_to_fp32(tiny_models: dict[str, Path]) -> None:
+    """Quantisation error on trained weights (random ones give near-uniform outputs that hide it):
+    a bound on the distributions, not on what the model translates."""
+    ckpt = load_checkpoint(tiny_models["gru"])
+    fp32 = Translator(ckpt, device="cpu", threads=1, precision="fp32")
+    int8 = Translator(ckpt, device="cpu", threads=1, quantize="int8", precision="fp32")
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules())
     src, src_mask = pad_sources([encode_source(fp32.src_tokenizer, s) for s in SOURCES])
     tgt_in = src.clone()  # any token sequence will do: compare the two models' predictions on it
@@ -124,15 +133,10 @@ def test_int8_runs_and_stays_close_to_fp32(tiny_models: dict[str, Path], model: 
         b = torch.log_softmax(int8.model(src, src_mask, tgt_in).float(), -1)
     total_variation = (a.exp() - b.exp()).abs().sum(-1)[src_mask] / 2  # (real positions,)
     assert total_variation.mean() < 0.05
-    assert (a.argmax(-1) == b.argmax(-1))[src_mask].float().mean() > 0.95
-    out_fp32, out_int8 = fp32.translate(SOURCES), int8.translate(SOURCES)
-    assert len(out_int8) == len(SOURCES) and all(out_int8)
-    # greedy outputs of a barely trained model drift apart late in long outputs, but begin alike
-    assert sum(x.split()[:1] == y.split()[:1] for x, y in zip(out_fp32, out_int8)) >= 0.75 * len(SOURCES)
 
 
-def test_option_errors(tiny_models: dict[str, Path]) -> None:
-    ckpt = load_checkpoint(tiny_models["transformer"])
+def test_option_errors(copy_model: Path) -> None:
+    ckpt = load_checkpoint(copy_model)
     with pytest.raises(NmtError, match="unknown quantization 'int4'; choose one of none, int8"):
         Translator(ckpt, device="cpu", quantize="int4")
     with pytest.raises(NmtError, match="unknown precision 'fp8'"):
@@ -141,9 +145,9 @@ def test_option_errors(tiny_models: dict[str, Path]) -> None:
         translator(ckpt, beam=2, nbest=4).translate(["a man"])
 
 
-def test_line_breaks_never_reach_a_translation(tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_line_breaks_never_reach_a_translation(joint_spm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Byte-fallback pieces can spell a newline; one input line must still give one output line."""
-    tr = translator(tiny_models["transformer"], beam=1)
+    tr = translator(copy_checkpoint(Tokenizer.load(joint_spm)), beam=1)  # the joint tokenizer has byte fallback
     piece_ids = {tr.tgt_tokenizer.id_to_piece(i): i for i in range(tr.tgt_tokenizer.vocab_size)}
     newline, carriage_return = piece_ids["<0x0A>"], piece_ids["<0x0D>"]
     ein, hund = tr.tgt_tokenizer.encode("ein"), tr.tgt_tokenizer.encode("hund")
