@@ -50,10 +50,13 @@ def build_translator(model: Path, options: dict[str, Any], device: str, precisio
     checkpoint = load_checkpoint(model)
     decode = decode_options(checkpoint.config.decode, **options)
     check_options(decode)  # before any input is read
-    return Translator(
+    translator = Translator(
         checkpoint, decode=decode, device=device, precision=precision, quantize=quantize, threads=threads,
         batch_tokens=batch_tokens, warn=lambda message: err_console.print(f"warning: {message}", highlight=False, markup=False),
     )
+    if translator.precision.gflops:  # "auto" measured this machine: say what it found
+        err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False)
+    return translator
 
 
 @dataclass
@@ -78,7 +81,7 @@ class DecodingOptions:
     sample_seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None
     batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = 6000
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto"
-    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 (GPU) or auto.")] = "fp32"
+    precision: Annotated[str, typer.Option(help="auto (bf16 where measured faster: on GPUs and some CPUs), fp32, bf16 or fp16 (GPU).")] = "auto"
     quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none"
     threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0
 
@@ -146,7 +149,7 @@ def translate(
     seconds = time.perf_counter() - start
     err_console.print(summary_table("Translation", [
         ("sentences", lines), ("time", f"{seconds:.1f} s"), ("sentences/s", f"{lines / max(seconds, 1e-9):.1f}"),
-        ("beam", translator.decode.beam), ("output", str(output or "stdout")),
+        ("beam", translator.decode.beam), ("precision", translator.precision.describe()), ("output", str(output or "stdout")),
     ]))
 
 

@@ -1,4 +1,4 @@
-"""Device, precision and thread choices, made in one place for training and translation."""
+"""Device and thread choices, made in one place for training and translation (precision: nmt.precision)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import os
 import torch
 
 from nmt.errors import NmtError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,37 +30,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NmtError("device 'mps' requested but MPS is not available")
     return device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision name, or None for plain float32.
-
-    "auto" means bf16 on GPUs that support it (else fp16) and on CPUs with native
-    bf16 instructions, float32 elsewhere.
-    """
-    if precision not in PRECISIONS:
-        raise NmtError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type == "cpu":
-            raise NmtError("fp16 needs a GPU; use bf16 on the CPU")
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

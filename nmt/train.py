@@ -27,17 +27,19 @@ from torch import nn
 from nmt.checkpoint import Checkpoint, load_checkpoint, write_bytes_atomic
 from nmt.config import Config, DecodeConfig, to_toml
 from nmt.data import PreparedData, TokenBatchSampler, collate, source_ids
-from nmt.device import autocast, autocast_dtype, keep_freed_memory, resolve_device, set_threads
+from nmt.device import autocast, keep_freed_memory, resolve_device, set_threads
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.evaluate import corpus_scores
 from nmt.loss import label_smoothed_loss
 from nmt.models import build_model
 from nmt.optim import LearningRate, build_optimizer
+from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
 from nmt.translate import translate_ids
 
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}
 RESETTABLE = ("optimizer", "scheduler", "best")
+TIMED_ROWS = 1024  # rows of the matrix products timed for precision="auto" (at most a batch's tokens)
 
 
 class Monitor(Protocol):
@@ -104,7 +106,7 @@ class Trainer:
         if self.device.type == "cpu":
             set_threads(self.cfg.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             keep_freed_memory()
-        self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
+        check_precision(self.cfg.precision, self.device)
         self.monitor = monitor if (monitor is not None and self.dist.is_main) else _SilentMonitor()
         self.run_dir = Path(self.cfg.run_dir)
 
@@ -116,6 +118,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self.model = build_model(config.model).to(self.device)
+        self.precision = self._choose_precision()
+        self.amp_dtype = self.precision.dtype
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.schedule = LearningRate(self.cfg, config.model.d_model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -131,6 +135,13 @@ class Trainer:
         self._stop_requested = False
 
     # ---------------------------------------------------------------- setup
+    def _choose_precision(self) -> Precision:
+        """`train.precision`, with "auto" measured on the model's matrix shapes; bf16 only if every rank measured it faster."""
+        choice = choose_precision(self.cfg.precision, self.device, matrix_shapes(self.model, min(self.cfg.max_tokens, TIMED_ROWS)))
+        if self.cfg.precision == "auto" and self.dist.any_true(choice.name != "bf16") and choice.name == "bf16":
+            return Precision("fp32", f"{choice.reason}, but not on every rank", choice.gflops)
+        return choice
+
     def _fill_vocabulary(self, config: Config) -> None:
         model = config.model
         model.src_vocab_size = self.data.src_tokenizer.vocab_size
@@ -185,6 +196,7 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(self.config), encoding="utf-8")
+        self._record({"kind": "setup", "update": progress.update, **self.precision.as_record()}, board=None)
         self.monitor.started(self._start_info())
         start = time.perf_counter() - progress.elapsed
         window = {"loss": 0.0, "nll": 0.0, "tokens": 0, "time": time.perf_counter()}
@@ -308,7 +320,7 @@ class Trainer:
         return {
             "config": self.config,
             "device": str(self.device),
-            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "float32",
+            "precision": self.precision.describe(),
             "threads": torch.get_num_threads(),
             "world_size": self.dist.world_size,
             "parameters": self.model.num_parameters(),

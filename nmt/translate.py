@@ -22,13 +22,15 @@ from torch import nn
 from nmt.checkpoint import Checkpoint, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source, pad_sources
-from nmt.device import autocast, autocast_dtype, keep_freed_memory, resolve_device, set_threads
+from nmt.device import autocast, keep_freed_memory, resolve_device, set_threads
 from nmt.errors import NmtError
 from nmt.io import decode_line
 from nmt.models import Seq2Seq, build_model
+from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
 from nmt.search import Hypothesis, search
 
 QUANTIZATIONS = ("none", "int8")
+DECODE_ROWS = 256  # rows of the matrix products timed for precision="auto": a decoding step's batch x beam
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Translator:
     """In-process translation of lists of strings with one checkpoint."""
 
     def __init__(self, checkpoint: Checkpoint, *, decode: DecodeConfig | None = None, device: str = "auto",
-                 precision: str = "fp32", quantize: str = "none", threads: int = 0, batch_tokens: int = 4096,
+                 precision: str = "auto", quantize: str = "none", threads: int = 0, batch_tokens: int = 4096,
                  warn: Callable[[str], None] | None = None) -> None:
         if quantize not in QUANTIZATIONS:
             raise NmtError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -75,7 +77,7 @@ class Translator:
         if self.device.type == "cpu":
             set_threads(threads)
             keep_freed_memory()
-        self.amp_dtype = autocast_dtype(precision, self.device)
+        check_precision(precision, self.device)
         self.batch_tokens = batch_tokens
         self.warn = warn or (lambda message: None)
         model = build_model(checkpoint.config.model)
@@ -88,6 +90,9 @@ class Translator:
                 warnings.simplefilter("ignore")
                 model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         self.model = model.to(self.device)
+        self.precision: Precision = (Precision("fp32", "int8 layers, the rest in fp32") if quantize == "int8" and precision == "auto"
+                                     else choose_precision(precision, self.device, matrix_shapes(model, DECODE_ROWS)))
+        self.amp_dtype = self.precision.dtype
         self.src_tokenizer = checkpoint.src_tokenizer
         self.tgt_tokenizer = checkpoint.tgt_tokenizer
         self.max_source_tokens: int | None = getattr(self.model, "max_positions", None)  # EOS included

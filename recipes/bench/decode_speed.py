@@ -23,7 +23,8 @@ import torch
 
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
-from nmt.device import autocast, cpu_has_fast_bf16
+from nmt.device import autocast
+from nmt.precision import cpu_has_native_bf16
 from nmt.evaluate import corpus_scores
 from nmt.models import Seq2Seq
 from nmt.models.transformer import Transformer
@@ -82,7 +83,7 @@ def measure_model(name: str, path: Path, texts: list[str], references: list[str]
     """One row per precision and search of one checkpoint; emulated bf16 is slower than fp32, so it is skipped."""
     rows: list[dict[str, Any]] = []
     for precision in precisions:
-        if precision == "bf16" and not cpu_has_fast_bf16():
+        if precision == "bf16" and not cpu_has_native_bf16():
             rows.append({"model": name, "precision": "bf16", "note": "skipped: no native bf16 on this CPU"})
             continue
         translator = Translator.load(

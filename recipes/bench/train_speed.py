@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.config import Config, merge, parse_overrides
-from nmt.device import cpu_has_fast_bf16
+from nmt.precision import cpu_has_native_bf16
 from nmt.train import Trainer
 
 MODELS = {
@@ -91,7 +91,7 @@ def measure_all(data: Path, models: list[str], precisions: list[str], updates: i
     rows = []
     for model in models:
         for precision in precisions:
-            if precision == "bf16" and not (cpu_has_fast_bf16() or force_bf16):
+            if precision == "bf16" and not (cpu_has_native_bf16() or force_bf16):
                 rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
                 continue
             rows.append(measure(data, model, precision, updates, warmup, max_tokens, threads))
