@@ -35,8 +35,8 @@ class RichMonitor:
     def started(self, info: dict[str, Any]) -> None:
         err_console.print(to_toml(info["config"]), highlight=False, markup=False)
         err_console.print(
-            f"{info['parameters']:,} parameters on {info['device']} ({info['precision']}, {info['threads']} threads, "
-            f"{info['world_size']} process(es)); {info['train_examples']:,} training pairs, "
+            f"{info['parameters']:,} parameters on {info['device']} ({info['threads']} threads, "
+            f"{info['world_size']} process(es)); precision {info['precision']}; {info['train_examples']:,} training pairs, "
             f"{info['batches_per_epoch']:,} batches per epoch",
             highlight=False,
         )

@@ -132,7 +132,7 @@ def cache_dir() -> Path:
 
 def machine_key(shapes: Iterable[Shape]) -> str:
     """What a measurement depends on: the CPU, torch, the thread count and the shapes."""
-    parts = [*_cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}", repr(sorted(shapes))]
+    parts = [*cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}", repr(sorted(shapes))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -155,7 +155,7 @@ def cached_measurement(shapes: Sequence[Shape]) -> dict[str, float]:
     return result
 
 
-def _cpu_identity() -> tuple[str, str]:
+def cpu_identity() -> tuple[str, str]:
     """The CPU's model name and flags (one name can cover CPUs with other instructions)."""
     found = {"model name": platform.processor(), "flags": ""}
     try:

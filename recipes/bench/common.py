@@ -19,6 +19,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from nmt.precision import cpu_identity
+
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
     """Best-of-`repeats` GFLOP/s of a size×size matrix product: the ceiling runs are compared to."""
@@ -88,7 +90,7 @@ def peak_memory(device: torch.device) -> Iterator[Peak]:
 
 def machine() -> dict[str, Any]:
     return {
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_identity()[0] or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_flags": cpu_flags(),

@@ -1,4 +1,4 @@
-"""Decoding speed and quality on a test set: greedy and beam 5, fp32 / bf16 / int8, batch and one at a time.
+"""Decoding speed and quality on a test set: greedy and beam 5, fp32 / bf16 / int8 / auto, batch and one at a time.
 
     python recipes/bench/decode_speed.py --model transformer=work/multi30k/transformer/averaged.pt \
         --model lstm=work/multi30k/lstm/averaged.pt --src work/multi30k/test.src --ref work/multi30k/test.ref
@@ -24,10 +24,10 @@ import torch
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
 from nmt.device import autocast
-from nmt.precision import cpu_has_native_bf16
 from nmt.evaluate import corpus_scores
 from nmt.models import Seq2Seq
 from nmt.models.transformer import Transformer
+from nmt.precision import cpu_has_native_bf16
 from nmt.translate import Translator, translate_ids
 
 
@@ -88,8 +88,9 @@ def measure_model(name: str, path: Path, texts: list[str], references: list[str]
             continue
         translator = Translator.load(
             path, device="cpu", threads=threads, batch_tokens=batch_tokens,
-            precision="bf16" if precision == "bf16" else "fp32", quantize="int8" if precision == "int8" else "none",
+            precision="fp32" if precision == "int8" else precision, quantize="int8" if precision == "int8" else "none",
         )
+        label_precision = f"auto: {translator.precision.name}" if precision == "auto" else precision
         sources = [encode_source(translator.src_tokenizer, t) for t in texts]
         paths = [("kv-cache", translator.model)]
         if no_cache and precision == "fp32" and isinstance(translator.model, Transformer):
@@ -97,8 +98,10 @@ def measure_model(name: str, path: Path, texts: list[str], references: list[str]
         for label, model in paths:
             for beam in ((1, 5) if label == "kv-cache" else (5,)):
                 result = run(translator, model, sources, beam, latency_count, references)
-                rows.append({"model": name, "precision": precision, "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}",
+                rows.append({"model": name, "precision": label_precision, "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}",
                              **result})
+                if precision == "auto":
+                    rows[-1]["note"] = "; ".join(filter(None, [translator.precision.reason, rows[-1]["note"]]))
                 print(rows[-1], flush=True)
     return rows
 
@@ -108,7 +111,7 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=CHECKPOINT (repeatable)")
     parser.add_argument("--src", type=Path, required=True)
     parser.add_argument("--ref", type=Path, required=True)
-    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--precisions", default="fp32,bf16,int8,auto", help="auto: what precision=auto picks here")
     parser.add_argument("--latency-sentences", type=int, default=50)
     parser.add_argument("--batch-tokens", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=0)

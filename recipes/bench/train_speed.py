@@ -69,7 +69,7 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
         noisy = after < 0.85 * before or before < 0.85 * after
         return {
             "model": model,
-            "precision": precision,
+            "precision": precision if precision != "auto" else f"auto: {trainer.precision.name}",
             "parameters": params,
             "tokens_per_s": rate,
             "seconds_per_update": statistics.median(times),
@@ -80,7 +80,8 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
             "ceiling_before": before,
             "ceiling_after": after,
             "peak_mib": peak.mib,
-            "note": "; ".join(filter(None, ["noisy" if noisy else "", peak.note])),
+            "note": "; ".join(filter(None, [trainer.precision.reason if precision == "auto" else "",
+                                            "noisy" if noisy else "", peak.note])),
             "profile": [{"op": e.key, "share": e.self_cpu_time_total / total} for e in top],
         }
 
@@ -102,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="directory written by nmt prepare")
     parser.add_argument("--models", default="transformer,lstm")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="fp32,bf16,auto", help="auto: what precision=auto picks here, and why")
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=4096)
