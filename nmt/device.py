@@ -67,3 +67,15 @@ def set_threads(threads: int = 0, processes: int = 1) -> int:
     count = threads or max(1, available // processes)
     torch.set_num_threads(count)
     return count
+
+
+def tune_cpu(threads: int = 0, processes: int = 1) -> int:
+    """The process-wide CPU tuning that `nmt` commands opt in to: intra-op threads and the allocator.
+
+    The library never calls this itself (it would change globals under a Python user);
+    a script that wants the CLI's speed calls it once, before training or translating.
+    Returns the thread count.
+    """
+    count = set_threads(threads, processes)
+    keep_freed_memory()
+    return count
