@@ -40,11 +40,11 @@ class Decoder(Protocol):
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Any: ...
 
-    def init_state(self, memory: Any, src_mask: Tensor) -> Any: ...
+    def init_state(self, memory: Any, src_mask: Tensor, keep_attention: bool = False, keep_heads: bool = False) -> Any: ...
 
     def step(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any]: ...
 
-    def reorder_state(self, state: Any, index: Tensor) -> Any: ...
+    def reorder_state(self, state: Any, index: Tensor, within_sentences: bool = False) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,9 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         done = reachable <= pool.score[:, -1]
         if config.early_stop:
             done |= finished >= beam
+        within = origin.size(1) == width  # back-pointers only, unless sentences leave below
         if done.any():
+            within = False
             for kept, current in zip(results, pool):
                 kept[sentence[done]] = current[done]
             keep = (~done).nonzero().squeeze(1)
@@ -174,7 +176,7 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
             pool = _Finished(*(current[keep] for current in pool))
             origin, live, token = origin[keep], live[keep], token[keep]
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
-        state = model.reorder_state(state, origin.view(-1))
+        state = model.reorder_state(state, origin.view(-1), within_sentences=within)
         scores, last = live, token.view(-1)
     return _hypotheses(results.tokens, results.raw, results.length, config)
 

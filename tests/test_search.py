@@ -39,23 +39,27 @@ class ToyModel:
         for token, value in (bias or {}).items():
             self.logits[:, token] += value
         self.max_positions = max_positions
-        self.steps = self.reorders = 0
+        self.steps = self.reorders = self.within = 0
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         weights = torch.arange(src.size(1)) * 7919 + 13  # (S,)
         return ((src + 1) * weights * src_mask).sum(1) % self.rows  # (B,)
 
     def init_state(self, memory: Tensor, src_mask: Tensor) -> dict[str, Tensor]:
-        return {"key": memory, "prefix": torch.zeros_like(memory)}
+        return {"key": memory, "prefix": torch.zeros_like(memory), "sentence": torch.arange(memory.size(0))}
 
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.steps += 1
         prefix = (state["prefix"] * 1000003 + tokens + 1) % self.rows
         row = (state["key"] * 31 + prefix) % self.rows
-        return self.logits[row].log_softmax(1), {"key": state["key"], "prefix": prefix}
+        return self.logits[row].log_softmax(1), {**state, "prefix": prefix}
 
-    def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    def reorder_state(self, state: dict[str, Tensor], index: Tensor, within_sentences: bool = False) -> dict[str, Tensor]:
+        """Checks the search's promise: `within_sentences` only when every row stays with its own sentence."""
         self.reorders += 1
+        if within_sentences:
+            assert torch.equal(state["sentence"][index], state["sentence"])
+            self.within += 1
         return {name: value[index] for name, value in state.items()}
 
     def finish_immediately(self, src: list[int]) -> None:
@@ -89,7 +93,7 @@ class ScriptedModel:
             rows.append((weights / weights.sum()).log().float())
         return torch.stack(rows), prefix
 
-    def reorder_state(self, state: Tensor, index: Tensor) -> Tensor:
+    def reorder_state(self, state: Tensor, index: Tensor, within_sentences: bool = False) -> Tensor:
         return state[index]
 
 
@@ -332,6 +336,7 @@ def test_beam_reorders_state_once_per_step() -> None:
     src, mask = batch_of(random_sentences(6, 12, seed=14))
     beam_search(model, src, mask, DecodeConfig(beam=4, nbest=2, max_len_a=1.0, max_len_b=3))
     assert 0 < model.reorders <= model.steps <= 9
+    assert 0 < model.within < model.reorders  # back-pointer steps skip the per-sentence copies; the first expands
 
 
 def test_sampling_seeded_and_truncated() -> None:

@@ -37,19 +37,22 @@ class Seq2Seq(nn.Module):
         """Trainable parameters, each shared tensor counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def reorder_state(self, state: State, index: Tensor) -> State:
+    def reorder_state(self, state: State, index: Tensor, within_sentences: bool = False) -> State:
         """Gather every batch-first tensor of the state along dim 0 (beam expansion, back-pointers, pruning).
 
-        Beam back-pointers move rows only among the beams of their own sentence; then the
-        per-sentence entries (encoder output, cross-attention keys/values) are already right
-        and are not copied, which saves most of the state traffic of a beam step.
+        With `within_sentences` the search promises that rows move only among the beams of
+        their own sentence (beam back-pointers, no sentence added or removed); then the
+        per-sentence entries (`sentence_keys`: encoder output, cross-attention keys/values)
+        are already right and are not copied, which saves most of the state traffic of a beam step.
         """
-        sentence = state.get("sentence")
-        within = sentence is not None and index.numel() == sentence.numel() and torch.equal(sentence[index], sentence)
         return {
-            key: value if not value.dim() or (within and key in self.sentence_keys) else value.index_select(0, index)
+            key: value if not value.dim() or (within_sentences and key in self.sentence_keys) else value.index_select(0, index)
             for key, value in state.items()
         }
+
+    def output_projection(self) -> Tensor:
+        """The (V, D) weight that maps `forward(..., features_only=True)` to logits: what the fused loss multiplies by."""
+        return self.output.weight
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
         raise NotImplementedError

@@ -136,16 +136,17 @@ class RNNSeq2Seq(Seq2Seq):
         return self.dropout(outputs), final
 
     def init_state(
-        self, memory: tuple[Tensor, tuple[Tensor, ...]], src_mask: Tensor, keep_attention: bool = False
+        self, memory: tuple[Tensor, tuple[Tensor, ...]], src_mask: Tensor, keep_attention: bool = False,
+        keep_heads: bool = False,
     ) -> State:
         """Decoder state before the first token: bridged hidden state, zero input feed, attention keys.
 
-        With `keep_attention`, each step stores its attention weights under "attention", (B, 1, S).
+        With `keep_attention`, each step stores its attention weights under "attention", (B, 1, S);
+        there is a single attention, so `keep_heads` adds nothing.
         """
         outputs, final = memory
         batch, layers, size = outputs.size(0), self.config.dec_layers, self.config.hidden_size
-        sentence = torch.arange(batch, device=outputs.device)  # (B,) which sentence a row belongs to
-        state = {"memory": outputs, "src_mask": src_mask, "sentence": sentence}
+        state = {"memory": outputs, "src_mask": src_mask}
         for i, part in enumerate(final):
             state[f"hidden.{i}"] = (
                 torch.tanh(self.bridge[i](part)).view(batch, layers, size)  # (B, L, H)

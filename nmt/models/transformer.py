@@ -251,8 +251,7 @@ class Transformer(Seq2Seq):
         under "attention", (B, L, S); with `keep_heads` too, each head's under "attention_heads", (B, L, H, S).
         """
         cross = torch.stack([layer.cross_attn.keys_values(memory) for layer in self.decoder], dim=1)
-        sentence = torch.arange(memory.size(0), device=memory.device)  # (B,) which sentence a row belongs to
-        state = {"src_mask": src_mask, "cross_kv": cross, "sentence": sentence}
+        state = {"src_mask": src_mask, "cross_kv": cross}
         if keep_attention:
             state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
         if keep_attention and keep_heads:
@@ -267,7 +266,7 @@ class Transformer(Seq2Seq):
         x = self._with_positions(self.embed.target(tokens[:, None]), offset=position)  # (B, 1, D)
         mask = state["src_mask"][:, None, None, :]
         keep = "attention" in state
-        new: State = {key: state[key] for key in ("src_mask", "cross_kv", "sentence")}
+        new: State = {key: state[key] for key in self.sentence_keys}
         weights = []
         for i, layer in enumerate(self.decoder):
             cache = state.get(f"self_kv.{i}")

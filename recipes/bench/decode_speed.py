@@ -55,7 +55,8 @@ class NoCacheDecoder:
         logits = m.output(m.decoder_norm(x[:, -1]))
         return torch.log_softmax(logits.float(), dim=-1), {**state, "prefix": prefix}
 
-    def reorder_state(self, state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reorder_state(self, state: dict[str, torch.Tensor], index: torch.Tensor,
+                      within_sentences: bool = False) -> dict[str, torch.Tensor]:
         return {key: value.index_select(0, index) for key, value in state.items()}
 
 
