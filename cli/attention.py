@@ -12,9 +12,8 @@ from cli.common import console, handle_errors, reporting, summary_table
 from cli.translate import build_translator
 from nmt.attention import attention_maps
 from nmt.errors import NmtError
-from nmt.io import read_lines
 from nmt.plot import figure_class, write_attention
-from nmt.translate import read_chunks
+from nmt.io import LineStream, read_lines
 
 
 def _read_inputs(input: Path | None) -> list[str]:
@@ -22,7 +21,7 @@ def _read_inputs(input: Path | None) -> list[str]:
         return list(read_lines(input))
     if sys.stdin.isatty():
         raise NmtError("no --input given and stdin is a terminal: pass --input FILE or pipe sentences in")
-    return [line for _, chunk in read_chunks(sys.stdin.buffer, 1 << 30, name="stdin") for line in chunk]
+    return list(LineStream(sys.stdin.buffer, name="stdin"))
 
 
 @handle_errors
@@ -44,7 +43,7 @@ def attention(
         except NmtError as exc:
             raise NmtError(f"{exc} (or --no-png for the HTML page alone)") from None
     texts = _read_inputs(input)
-    translator = build_translator(model, {"beam": beam}, device, "fp32", "none", threads, 6000)
+    translator = build_translator(model, threads, beam=beam, device=device, precision="fp32")
     if heads and translator.checkpoint.config.model.arch != "transformer":
         raise NmtError("--heads needs a Transformer: an RNN model has a single attention")
     with reporting() as reporter:

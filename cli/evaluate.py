@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import console, handle_errors, reporting
-from cli.translate import DecodingOptions, with_decoding_options
+from cli.translate import DecodingOptions, results_with_warnings, with_decoding_options
 from nmt.errors import NmtError
 from nmt.io import atomic_path
 from nmt.evaluate import (
@@ -38,7 +38,6 @@ from nmt.evaluate import (
 )
 
 STDIN = "<stdin>"
-CHUNK_LINES = 2000  # sentences translated between progress updates
 
 
 def _read_hypotheses(hyp: Path | None) -> list[str]:
@@ -70,10 +69,9 @@ def _translate(model: Path, src: Path, hyp_out: Path | None, decoding: DecodingO
     hyps: list[str] = []
     with reporting() as reporter:
         advance = reporter.task("translating", len(sources), "sentences")
-        for start in range(0, len(sources), CHUNK_LINES):
-            results = translator.translate_nbest(sources[start:start + CHUNK_LINES], first_line=start + 1)
-            hyps.extend(best[0].text for best in results)
-            advance(len(results))
+        for result in results_with_warnings(translator.translate_lines(sources)):
+            hyps.append(result.best.text)
+            advance(1)
     if hyp_out is not None:
         with atomic_path(hyp_out) as tmp:
             tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")

@@ -7,53 +7,48 @@ import inspect
 import io
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import IO, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
 from cli.common import err_console, handle_errors, reporting, summary_table
-from nmt.checkpoint import average_checkpoints, load_checkpoint
-from nmt.config import DecodeConfig
+from nmt.checkpoint import average_checkpoints
+from nmt.device import tune_cpu
 from nmt.errors import NmtError
-from nmt.io import atomic_path, check_readable, count_lines, is_stream
-from nmt.search import check_options
-from nmt.translate import Translation, Translator, read_chunks
+from nmt.io import LineStream, atomic_path, check_readable, count_lines, is_stream
+from nmt.translate import BATCH_TOKENS, BUFFER_LINES, LineResult, Translator
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def format_lines(first_line: int, results: list[list[Translation]], nbest: bool, scores: bool) -> str:
+def format_result(result: LineResult, nbest: bool, scores: bool) -> str:
     """One line per input (or `nbest` lines: index<TAB>score<TAB>text, index counting from 0)."""
-    out = []
-    for offset, hypotheses in enumerate(results):
-        if nbest:
-            out.extend(f"{first_line - 1 + offset}\t{h.score:.4f}\t{h.text}" for h in hypotheses)
-        elif scores:
-            out.append(f"{hypotheses[0].score:.4f}\t{hypotheses[0].text}")
-        else:
-            out.append(hypotheses[0].text)
-    return "".join(line + "\n" for line in out)
+    if nbest:
+        return "".join(f"{result.line - 1}\t{h.score:.4f}\t{h.text}\n" for h in result.hypotheses)
+    if scores:
+        return f"{result.best.score:.4f}\t{result.best.text}\n"
+    return result.best.text + "\n"
 
 
-def decode_options(base: DecodeConfig, **given: Any) -> DecodeConfig:
-    """The checkpoint's decoding options with those given on the command line replacing them."""
-    known = {f.name for f in fields(DecodeConfig)}
-    return replace(base, **{k: v for k, v in given.items() if v is not None and k in known})
+def warn(message: str) -> None:
+    err_console.print(f"warning: {message}", highlight=False, markup=False)
 
 
-def build_translator(model: Path, options: dict[str, Any], device: str, precision: str, quantize: str,
-                     threads: int, batch_tokens: int) -> Translator:
-    """Load a checkpoint into a Translator, warnings to stderr (shared by translate and eval)."""
-    checkpoint = load_checkpoint(model)
-    decode = decode_options(checkpoint.config.decode, **options)
-    check_options(decode)  # before any input is read
-    translator = Translator(
-        checkpoint, decode=decode, device=device, precision=precision, quantize=quantize, threads=threads,
-        batch_tokens=batch_tokens, warn=lambda message: err_console.print(f"warning: {message}", highlight=False, markup=False),
-    )
+def results_with_warnings(results: Iterable[LineResult]) -> Iterator[LineResult]:
+    """Pass results on, printing each one's warning (a truncated line) on stderr."""
+    for result in results:
+        if result.warning:
+            warn(result.warning)
+        yield result
+
+
+def build_translator(model: Path, threads: int, **options: Any) -> Translator:
+    """Tune the process (the CLI's opt-in), load the checkpoint, and say what precision=auto measured."""
+    tune_cpu(threads)
+    translator = Translator.from_checkpoint(model, **options)
     if translator.precision.gflops:  # "auto" measured this machine: say what it found
         err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False)
     return translator
@@ -79,18 +74,19 @@ class DecodingOptions:
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = None
     top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of tokens with this much probability.")] = None
     sample_seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None
-    batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = 6000
+    batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = BATCH_TOKENS
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto"
     precision: Annotated[str, typer.Option(help="auto (bf16 where measured faster: on GPUs and some CPUs), fp32, bf16 or fp16 (GPU).")] = "auto"
     quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none"
     threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0
 
-    def translator(self, model: Path, nbest: int | None = None) -> Translator:
+    def translator(self, model: Path, nbest: int | None = None, buffer_lines: int = BUFFER_LINES) -> Translator:
         """Load `model` with these options (`nbest` only matters to nmt translate)."""
         if self.batch_tokens < 1:
             raise NmtError("--batch-tokens must be positive")
-        search = {**asdict(self), "seed": self.sample_seed, "nbest": nbest}  # decode_options keeps DecodeConfig's fields
-        return build_translator(model, search, self.device, self.precision, self.quantize, self.threads, self.batch_tokens)
+        options = asdict(self)
+        options["seed"], options["nbest"] = options.pop("sample_seed"), nbest
+        return build_translator(model, options.pop("threads"), buffer_lines=buffer_lines, **options)
 
 
 def with_decoding_options(command: F) -> F:
@@ -121,7 +117,7 @@ def translate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
     nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation (index from 0; an empty line has one, empty).")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
-    buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = 2000,
+    buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = BUFFER_LINES,
     errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
     *,
     decoding: DecodingOptions,
@@ -131,21 +127,22 @@ def translate(
         raise NmtError(f"--errors must be strict or replace, got {errors!r}")
     if buffer_size < 1:
         raise NmtError("--buffer-size must be positive")
-    translator = decoding.translator(model, nbest)
+    translator = decoding.translator(model, nbest, buffer_size)
     show_nbest = (nbest or 0) > 1
     start = time.perf_counter()
     if input is None:
-        _translate_stream(translator, sys.stdin.buffer, _utf8_stdout(), buffer_size, errors, show_nbest, scores)
+        _translate_stream(translator, LineStream(sys.stdin.buffer, errors, "stdin"), _utf8_stdout(), show_nbest, scores)
         return
     check_readable(input, stream_ok=True)
     total = None if is_stream(input) else count_lines(input)  # a pipe can be read only once
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")
+        lines_in = LineStream(source, errors, str(input))
         if output is None:
-            lines = _translate_stream(translator, source, _utf8_stdout(), buffer_size, errors, show_nbest, scores, advance, str(input))
+            lines = _translate_stream(translator, lines_in, _utf8_stdout(), show_nbest, scores, advance)
         else:
             with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
-                lines = _translate_stream(translator, source, sink, buffer_size, errors, show_nbest, scores, advance, str(input))
+                lines = _translate_stream(translator, lines_in, sink, show_nbest, scores, advance)
     seconds = time.perf_counter() - start
     err_console.print(summary_table("Translation", [
         ("sentences", lines), ("time", f"{seconds:.1f} s"), ("sentences/s", f"{lines / max(seconds, 1e-9):.1f}"),
@@ -160,16 +157,16 @@ def _utf8_stdout() -> IO[str]:
     return sys.stdout
 
 
-def _translate_stream(translator: Translator, source: IO[bytes], sink: IO[str], buffer_size: int, errors: str,
-                      nbest: bool, scores: bool, advance: Any = None, name: str = "stdin") -> int:
+def _translate_stream(translator: Translator, lines: LineStream, sink: IO[str], nbest: bool, scores: bool,
+                      advance: Any = None) -> int:
+    """Write each line's translation as soon as it is there (flushed: a pipe's reader sees it at once)."""
     done = 0
-    for first, chunk in read_chunks(source, buffer_size, errors, name):
-        results = translator.translate_nbest(chunk, first_line=first)
-        sink.write(format_lines(first, results, nbest, scores))
+    for result in results_with_warnings(translator.translate_lines(lines)):
+        sink.write(format_result(result, nbest, scores))
         sink.flush()
-        done += len(chunk)
+        done += 1
         if advance is not None:
-            advance(len(chunk))
+            advance(1)
     return done
 
 

@@ -17,10 +17,9 @@ from torch import Tensor
 from nmt.data import pad_sources
 from nmt.device import autocast
 from nmt.models import Seq2Seq
-from nmt.models.transformer import Transformer
 from nmt.progress import SILENT, Reporter
 from nmt.tokenizer import BOS_ID, Tokenizer
-from nmt.translate import Translator, one_line, translate_ids
+from nmt.translate import LineResult, Translator
 
 CHUNK = 32  # sentences translated and teacher-forced together
 
@@ -50,9 +49,8 @@ def cross_attention(model: Seq2Seq, sources: Sequence[Sequence[int]], outputs: S
     device = next(model.parameters()).device
     src, src_mask = (t.to(device) for t in pad_sources(sources))  # (B, S)
     tgt_in = pad_sources([[BOS_ID, *ids[:-1]] for ids in outputs])[0].to(device)  # (B, T)
-    per_head = heads and isinstance(model, Transformer)
-    options = {"keep_heads": True} if per_head else {}
-    state = model.init_state(model.encode(src, src_mask), src_mask, keep_attention=True, **options)
+    state = model.init_state(model.encode(src, src_mask), src_mask, keep_attention=True, keep_heads=heads)
+    per_head = "attention_heads" in state  # a Transformer's; an RNN has a single attention
     steps, head_steps = [], []
     for t in range(tgt_in.size(1)):
         _, state = model.step(tgt_in[:, t], state)
@@ -81,20 +79,27 @@ def attention_maps(translator: Translator, texts: Sequence[str], heads: bool = F
     """
     advance = reporter.task("attention", len(texts), "sentences")
     maps: list[AttentionMap] = []
-    for start in range(0, len(texts), CHUNK):
-        chunk = texts[start:start + CHUNK]
-        encoded = [(offset, translator._encode(text, first_line + start + offset)) for offset, text in enumerate(chunk)]
-        encoded = [(offset, ids) for offset, ids in encoded if ids is not None]  # empty lines have no map
-        sources = [ids for _, ids in encoded]
-        with torch.inference_mode(), autocast(translator.device, translator.amp_dtype):
-            found = translate_ids(translator.model, sources, translator.decode, translator.batch_tokens, translator.device)
-        outputs = [hypotheses[0].tokens for hypotheses in found]
-        attention = cross_attention(translator.model, sources, outputs, heads) if sources else []
-        for (offset, src_ids), out, (weights, by_head) in zip(encoded, outputs, attention):
-            maps.append(AttentionMap(
-                line=first_line + start + offset, text=chunk[offset], translation=one_line(translator.tgt_tokenizer.decode(out)),
-                source=pieces(translator.src_tokenizer, src_ids), target=pieces(translator.tgt_tokenizer, out),
-                weights=weights, heads=by_head,
-            ))
-        advance(len(chunk))
-    return maps
+    pending: list[LineResult] = []
+    for result in translator.translate_lines(texts, first_line):
+        if result.source_ids:  # empty lines have no map
+            pending.append(result)
+        if len(pending) == CHUNK:
+            maps += _maps(translator, pending, heads)
+            pending = []
+        advance(1)
+    return maps + _maps(translator, pending, heads)
+
+
+def _maps(translator: Translator, results: list[LineResult], heads: bool) -> list[AttentionMap]:
+    """Teacher-force a few translated lines to read their attention."""
+    if not results:
+        return []
+    outputs = [result.best.tokens for result in results]
+    with autocast(translator.device, translator.amp_dtype):
+        attention = cross_attention(translator.model, [r.source_ids for r in results], outputs, heads)
+    return [
+        AttentionMap(line=result.line, text=result.text, translation=result.best.text,
+                     source=pieces(translator.src_tokenizer, result.source_ids), target=pieces(translator.tgt_tokenizer, out),
+                     weights=weights, heads=by_head)
+        for result, out, (weights, by_head) in zip(results, outputs, attention)
+    ]

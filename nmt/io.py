@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
+import select
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -141,3 +142,63 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LineStream:
+    """The lines of a byte stream (stdin, a pipe, a file), decoded as UTF-8, without newline or CR.
+
+    `waiting()` tells whether more input is already there, so a consumer can batch what
+    has arrived and still answer an interactive user, or a pipe that stays open, line by line.
+    """
+
+    def __init__(self, stream: IO[bytes], errors: str = "strict", name: str = "input") -> None:
+        if errors not in ("strict", "replace"):
+            raise NmtError(f"--errors must be strict or replace, got {errors!r}")
+        self.stream, self.errors, self.name = stream, errors, name
+        self._more = True
+
+    def __iter__(self) -> Iterator[str]:
+        for number, (raw, more_waiting) in enumerate(_raw_lines(self.stream), start=1):
+            self._more = more_waiting
+            yield decode_line(raw, number, self.name, self.errors, hint="; use --errors replace to continue").rstrip("\r")
+
+    def waiting(self) -> bool:
+        return self._more
+
+
+def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Lists of at most `size` lines; a `LineStream` is also cut wherever its input pauses."""
+    waiting = getattr(lines, "waiting", None)
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= size or (waiting is not None and not waiting()):
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _raw_lines(stream: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """Lines without their newline, each with whether more input is already waiting."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # an in-memory stream: everything is there
+        lines = stream.read().split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for index, line in enumerate(lines):
+            yield line, index + 1 < len(lines)
+        return
+    pending = b""
+    while True:
+        block = os.read(fd, 1 << 16)
+        if not block:
+            if pending:
+                yield pending, False
+            return
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()  # an incomplete last line waits for the next block
+        for index, line in enumerate(lines):
+            last = index + 1 == len(lines)
+            yield line, not last or bool(select.select([fd], [], [], 0)[0])

@@ -1,20 +1,20 @@
 """Translator: text in, text out, with one checkpoint file and nothing else.
 
-Inputs are normalised the way the training data was (the checkpoint carries the
-tokenizer and its normalisation), sorted by length and packed into token-bounded
-batches, searched, detokenised and returned in input order. Output length is
-bounded per sentence, so a sentence translates the same alone or in any batch.
+`Translator.translate_lines` is the one translation loop: `nmt translate`, `nmt eval -m`,
+`nmt attention` and the Python API all go through it. Inputs are normalised the way the
+training data was (the checkpoint carries the tokenizer and its normalisation), read
+`buffer_lines` at a time, sorted by length and packed into token-bounded batches,
+searched, detokenised and yielded in input order. Output length is bounded per sentence,
+so a sentence translates the same alone or in any batch.
 """
 
 from __future__ import annotations
 
-import os
-import select
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import IO
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,22 +22,42 @@ from torch import nn
 from nmt.checkpoint import Checkpoint, load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source, pad_sources
-from nmt.device import autocast, keep_freed_memory, resolve_device, set_threads
+from nmt.device import autocast, resolve_device
 from nmt.errors import NmtError
-from nmt.io import decode_line
+from nmt.io import chunks
 from nmt.models import Seq2Seq, build_model
 from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
-from nmt.search import Hypothesis, search
+from nmt.search import Hypothesis, check_options, search
 
 QUANTIZATIONS = ("none", "int8")
 DECODE_ROWS = 256  # rows of the matrix products timed for precision="auto": a decoding step's batch x beam
+BATCH_TOKENS = 6000  # source tokens x beam per batch
+BUFFER_LINES = 2000  # lines read, sorted and batched at a time
 
 
-@dataclass
+@dataclass(frozen=True)
 class Translation:
     text: str
     score: float
     tokens: list[int]
+
+
+EMPTY = Translation("", 0.0, [])
+
+
+@dataclass
+class LineResult:
+    """What one input line gave: its translations, best first (one empty for an empty line)."""
+
+    line: int  # 1-based input line number
+    text: str  # the input line as read
+    hypotheses: list[Translation]
+    source_ids: list[int]  # what the model read (EOS included, after truncation); [] for an empty line
+    warning: str | None = None  # e.g. the line was truncated to the model's positions
+
+    @property
+    def best(self) -> Translation:
+        return self.hypotheses[0]
 
 
 def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], decode: DecodeConfig,
@@ -64,22 +84,21 @@ def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], decode: Deco
 
 
 class Translator:
-    """In-process translation of lists of strings with one checkpoint."""
+    """In-process translation with one checkpoint; `translate_lines` is the loop everything uses."""
 
     def __init__(self, checkpoint: Checkpoint, *, decode: DecodeConfig | None = None, device: str = "auto",
-                 precision: str = "auto", quantize: str = "none", threads: int = 0, batch_tokens: int = 4096,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 precision: str = "auto", quantize: str = "none", batch_tokens: int = BATCH_TOKENS,
+                 buffer_lines: int = BUFFER_LINES) -> None:
         if quantize not in QUANTIZATIONS:
             raise NmtError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if batch_tokens < 1 or buffer_lines < 1:
+            raise NmtError(f"batch tokens and buffer lines must be positive, got {batch_tokens} and {buffer_lines}")
         self.checkpoint = checkpoint
         self.decode = decode or checkpoint.config.decode
+        check_options(self.decode)  # once, before any input is read
         self.device = resolve_device(device)
-        if self.device.type == "cpu":
-            set_threads(threads)
-            keep_freed_memory()
         check_precision(precision, self.device)
-        self.batch_tokens = batch_tokens
-        self.warn = warn or (lambda message: None)
+        self.batch_tokens, self.buffer_lines = batch_tokens, buffer_lines
         model = build_model(checkpoint.config.model)
         model.load_state_dict(checkpoint.model_state)
         model.eval()
@@ -98,84 +117,59 @@ class Translator:
         self.max_source_tokens: int | None = getattr(self.model, "max_positions", None)  # EOS included
 
     @classmethod
-    def load(cls, path: Path, **options: object) -> Translator:
-        return cls(load_checkpoint(path), **options)  # type: ignore[arg-type]
+    def from_checkpoint(cls, path: Path, *, device: str = "auto", precision: str = "auto", quantize: str = "none",
+                        batch_tokens: int = BATCH_TOKENS, buffer_lines: int = BUFFER_LINES,
+                        **decode: Any) -> Translator:
+        """Load a checkpoint file; `decode` options (beam=..., alpha=...) replace the checkpoint's, None keeps them."""
+        checkpoint = load_checkpoint(path)
+        known = {f.name for f in fields(DecodeConfig)}
+        if unknown := sorted(set(decode) - known):
+            raise NmtError(f"unknown decoding option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        options = replace(checkpoint.config.decode, **{k: v for k, v in decode.items() if v is not None})
+        return cls(checkpoint, decode=options, device=device, precision=precision, quantize=quantize,
+                   batch_tokens=batch_tokens, buffer_lines=buffer_lines)
 
     def translate(self, texts: Sequence[str]) -> list[str]:
         """The best translation of each text."""
-        return [best[0].text for best in self.translate_nbest(texts)]
+        return [result.best.text for result in self.translate_lines(texts)]
 
     def translate_nbest(self, texts: Sequence[str], first_line: int = 1) -> list[list[Translation]]:
         """`decode.nbest` translations per text, best first; empty texts give one empty translation."""
-        sources: list[list[int]] = []
-        keep: list[int] = []
-        for offset, text in enumerate(texts):
-            ids = self._encode(text, first_line + offset)
-            if ids is not None:
-                keep.append(offset)
-                sources.append(ids)
-        output: list[list[Translation]] = [[Translation("", 0.0, [])] for _ in texts]
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            found = translate_ids(self.model, sources, self.decode, self.batch_tokens, self.device)
-        for offset, hypotheses in zip(keep, found):
-            output[offset] = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens) for h in hypotheses]
-        return output
+        return [result.hypotheses for result in self.translate_lines(texts, first_line)]
 
-    def _encode(self, text: str, line: int) -> list[int] | None:
+    def translate_lines(self, lines: Iterable[str], first_line: int = 1) -> Iterator[LineResult]:
+        """Translate lines as they come, one result per line in input order.
+
+        Lines are taken `buffer_lines` at a time (fewer where a `LineStream` pauses, so an
+        interactive user gets each line at once), sorted by length and batched by `batch_tokens`.
+        """
+        number = first_line
+        for chunk in chunks(lines, self.buffer_lines):
+            yield from self._translate_chunk(chunk, number)
+            number += len(chunk)
+
+    def _translate_chunk(self, texts: list[str], first_line: int) -> list[LineResult]:
+        results = [self._prepare(text, first_line + offset) for offset, text in enumerate(texts)]
+        todo = [result for result in results if result.source_ids]
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            found = translate_ids(self.model, [r.source_ids for r in todo], self.decode, self.batch_tokens, self.device)
+        for result, hypotheses in zip(todo, found):
+            result.hypotheses = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens)
+                                 for h in hypotheses]
+        return results
+
+    def _prepare(self, text: str, line: int) -> LineResult:
+        """Encode one line; an empty one stays empty, a too long one is truncated with a warning."""
         ids = encode_source(self.src_tokenizer, text)
-        if len(ids) <= 1:  # nothing but EOS: an empty line stays empty
-            return None
-        if self.max_source_tokens is not None and len(ids) > self.max_source_tokens:
-            self.warn(f"line {line}: {len(ids)} tokens, truncated to the model's limit of {self.max_source_tokens}")
-            ids = ids[: self.max_source_tokens - 1] + ids[-1:]
-        return ids
+        if len(ids) <= 1:  # nothing but EOS
+            return LineResult(line, text, [EMPTY], [])
+        limit, warning = self.max_source_tokens, None
+        if limit is not None and len(ids) > limit:
+            warning = f"line {line}: {len(ids)} tokens, truncated to the model's limit of {limit}"
+            ids = ids[: limit - 1] + ids[-1:]
+        return LineResult(line, text, [], ids, warning)
 
 
 def one_line(text: str) -> str:
     """Byte-fallback pieces can spell line breaks; one input line must stay one output line."""
     return " ".join(text.split())
-
-
-def read_chunks(stream: IO[bytes], buffer_size: int, errors: str = "strict",
-                name: str = "input") -> Iterator[tuple[int, list[str]]]:
-    """Yield (first line number, lines) chunks of at most `buffer_size` lines.
-
-    A chunk is also cut whenever no further input is waiting, so an interactive
-    session or a pipe that stays open gets each line translated as it arrives,
-    while a file or a fast pipe still fills whole chunks for batching.
-    """
-    chunk: list[str] = []
-    first = 1
-    for number, (raw, more_waiting) in enumerate(_raw_lines(stream), start=1):
-        line = decode_line(raw, number, name, errors, hint="; use --errors replace to continue")
-        chunk.append(line.rstrip("\r"))
-        if len(chunk) >= buffer_size or not more_waiting:
-            yield first, chunk
-            first, chunk = number + 1, []
-    if chunk:
-        yield first, chunk
-
-
-def _raw_lines(stream: IO[bytes]) -> Iterator[tuple[bytes, bool]]:
-    """Lines without their newline, each with whether more input is already waiting."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError, AttributeError):  # an in-memory stream: everything is there
-        lines = stream.read().split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()
-        for index, line in enumerate(lines):
-            yield line, index + 1 < len(lines)
-        return
-    pending = b""
-    while True:
-        block = os.read(fd, 1 << 16)
-        if not block:
-            if pending:
-                yield pending, False
-            return
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()  # an incomplete last line waits for the next block
-        for index, line in enumerate(lines):
-            last = index + 1 == len(lines)
-            yield line, not last or bool(select.select([fd], [], [], 0)[0])

@@ -29,7 +29,7 @@ def make_translator(joint_spm: Path, model: ModelConfig, beam: int = 2) -> Trans
                     decode=DecodeConfig(beam=beam, max_len_a=1.0, max_len_b=5))
     torch.manual_seed(0)
     state = build_model(config.model).state_dict()
-    return Translator(Checkpoint(config, state, tok, tok), device="cpu", threads=1, precision="fp32")
+    return Translator(Checkpoint(config, state, tok, tok), device="cpu", precision="fp32")
 
 
 @pytest.mark.parametrize(("model", "layers", "heads"), [(TRANSFORMER, 2, 4), (RNN, 1, None)])

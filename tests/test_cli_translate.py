@@ -33,7 +33,7 @@ def nmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.Comple
 
 def translations(checkpoint: Path, texts: list[str], **decode: object) -> list[str]:
     ckpt = load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1, precision="fp32").translate(texts)
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", precision="fp32").translate(texts)
 
 
 def assert_one_line_error(exit_code: int, stderr: str, message: str) -> None:
@@ -89,7 +89,7 @@ def test_files_with_nbest(copy_model: Path, tmp_path: Path) -> None:
     assert result.stdout == b"" and b"Translation" in result.stderr  # the summary, on stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temporary file left
     ckpt = load_checkpoint(copy_model)
-    tr = Translator(ckpt, decode=replace(ckpt.config.decode, beam=5, nbest=3), device="cpu", threads=1, precision="fp32")
+    tr = Translator(ckpt, decode=replace(ckpt.config.decode, beam=5, nbest=3), device="cpu", precision="fp32")
     expected = tr.translate_nbest([SOURCES[0], "", GERMAN])
     rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
     assert [int(r[0]) for r in rows] == [0, 0, 0, 1, 2, 2, 2]  # n per input, one for an empty input
@@ -119,7 +119,7 @@ def test_scores_and_int8_through_the_runner(copy_model: Path) -> None:
     result = runner.invoke(app, ["translate", "-m", checkpoint, "--scores", "--beam", "2", *CPU], input=stdin)
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(checkpoint)
-    expected = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", threads=1, precision="fp32").translate_nbest(SOURCES[:3])
+    expected = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", precision="fp32").translate_nbest(SOURCES[:3])
     assert result.stdout == "".join(f"{hyps[0].score:.4f}\t{hyps[0].text}\n" for hyps in expected)
     assert [line.split("\t")[1] for line in result.stdout.splitlines()] == SOURCES[:3]
     quantized = runner.invoke(app, ["translate", "-m", checkpoint, "--quantize", "int8", *CPU], input=stdin)

@@ -15,9 +15,10 @@ import nmt.translate
 from nmt.checkpoint import Checkpoint, load_checkpoint
 from nmt.data import encode_source, pad_sources
 from nmt.errors import NmtError
+from nmt.io import LineStream, chunks
 from nmt.search import Hypothesis, beam_search
 from nmt.tokenizer import EOS_ID, Tokenizer
-from nmt.translate import Translation, Translator, read_chunks, translate_ids
+from nmt.translate import LineResult, Translation, Translator
 from tests.conftest import make_parallel
 from tests.copy_model import copy_checkpoint
 
@@ -32,7 +33,7 @@ def models(copy_model: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
 
 def translator(checkpoint: Path | Checkpoint, **decode: object) -> Translator:
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", threads=1, precision="fp32")
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", precision="fp32")
 
 
 def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]:
@@ -97,14 +98,14 @@ def test_beam_of_one_equals_greedy(models: dict[str, Path], model: str, monkeypa
 def test_long_input_is_truncated_with_a_warning(copy_spm: Path) -> None:
     limit = 16
     small = copy_checkpoint(Tokenizer.load(copy_spm), max_positions=limit)
-    warnings: list[str] = []
-    tr = Translator(small, decode=replace(small.config.decode, beam=3), device="cpu", threads=1, precision="fp32", warn=warnings.append)
+    tr = Translator(small, decode=replace(small.config.decode, beam=3), device="cpu", precision="fp32")
     long = " ".join(make_parallel(40, seed=9)[0])  # hundreds of tokens
     # a prefix of exactly `limit` tokens, EOS included, is not truncated
     fits = next(long[:n] for n in range(len(long)) if len(encode_source(tr.src_tokenizer, long[:n])) == limit)
-    out = tr.translate_nbest(["a dog runs", long, fits], first_line=7)
+    results = list(tr.translate_lines(["a dog runs", long, fits], first_line=7))
+    out = [r.hypotheses for r in results]
     length = len(encode_source(tr.src_tokenizer, long))
-    assert warnings == [f"line 8: {length} tokens, truncated to the model's limit of {limit}"]
+    assert [r.warning for r in results] == [None, f"line 8: {length} tokens, truncated to the model's limit of {limit}", None]
     # the truncated line translates as its first limit - 1 tokens plus EOS: the copy shows exactly that
     kept = encode_source(tr.src_tokenizer, long)[: limit - 1] + [EOS_ID]
     assert [r[0].tokens for r in out] == [encode_source(tr.src_tokenizer, "a dog runs"), kept,
@@ -113,7 +114,7 @@ def test_long_input_is_truncated_with_a_warning(copy_spm: Path) -> None:
 
 def test_int8_copies_as_fp32_does(copy_model: Path) -> None:
     ckpt = load_checkpoint(copy_model)
-    int8 = Translator(ckpt, device="cpu", threads=1, quantize="int8", precision="fp32")
+    int8 = Translator(ckpt, device="cpu", quantize="int8", precision="fp32")
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules())
     assert int8.translate(SOURCES) == SOURCES
 
@@ -122,8 +123,8 @@ def test_int8_output_distribution_stays_close_to_fp32(tiny_models: dict[str, Pat
     """Quantisation error on trained weights (random ones give near-uniform outputs that hide it):
     a bound on the distributions, not on what the model translates."""
     ckpt = load_checkpoint(tiny_models["gru"])
-    fp32 = Translator(ckpt, device="cpu", threads=1, precision="fp32")
-    int8 = Translator(ckpt, device="cpu", threads=1, quantize="int8", precision="fp32")
+    fp32 = Translator(ckpt, device="cpu", precision="fp32")
+    int8 = Translator(ckpt, device="cpu", quantize="int8", precision="fp32")
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in int8.model.modules())
     src, src_mask = pad_sources([encode_source(fp32.src_tokenizer, s) for s in SOURCES])
     tgt_in = src.clone()  # any token sequence will do: compare the two models' predictions on it
@@ -161,19 +162,52 @@ def test_line_breaks_never_reach_a_translation(joint_spm: Path, monkeypatch: pyt
     assert tr.translate(["a man"]) == ["ein hund"]
 
 
-def test_read_chunks_from_memory() -> None:
+def test_line_stream_and_chunks_from_memory() -> None:
     data = b"one\r\ntwo\n\nfour\nfive"  # CRLF, an empty line, no final newline
-    assert list(read_chunks(io.BytesIO(data), 2)) == [(1, ["one", "two"]), (3, ["", "four"]), (5, ["five"])]
-    assert list(read_chunks(io.BytesIO(b""), 2)) == []
+    assert list(chunks(LineStream(io.BytesIO(data)), 2)) == [["one", "two"], ["", "four"], ["five"]]
+    assert list(chunks(LineStream(io.BytesIO(b"")), 2)) == []
+    assert list(chunks(["a", "b", "c"], 2)) == [["a", "b"], ["c"]]  # a plain list: whole chunks
     bad = b"fine\n\xff\xfe\nok\n"
     with pytest.raises(NmtError, match=r"^in.txt: line 2 is not valid UTF-8 \(byte 0\); use --errors replace"):
-        list(read_chunks(io.BytesIO(bad), 10, name="in.txt"))
-    assert list(read_chunks(io.BytesIO(bad), 10, errors="replace")) == [(1, ["fine", "\ufffd\ufffd", "ok"])]
+        list(LineStream(io.BytesIO(bad), name="in.txt"))
+    assert list(LineStream(io.BytesIO(bad), errors="replace")) == ["fine", "\ufffd\ufffd", "ok"]
+    with pytest.raises(NmtError, match="--errors must be strict or replace, got 'ignore'"):
+        LineStream(io.BytesIO(bad), errors="ignore")
 
 
-def test_read_chunks_from_a_pipe_fills_chunks_when_input_waits() -> None:
+def test_line_stream_from_a_pipe_fills_chunks_when_input_waits() -> None:
     read_end, write_end = os.pipe()
     os.write(write_end, b"a\nb\nc\n")
     os.close(write_end)
     with os.fdopen(read_end, "rb") as stream:
-        assert list(read_chunks(stream, 2)) == [(1, ["a", "b"]), (3, ["c"])]
+        assert list(chunks(LineStream(stream), 2)) == [["a", "b"], ["c"]]
+
+
+def test_translate_lines_streams_results_in_order_with_line_numbers(copy_model: Path) -> None:
+    """The one loop: lazily consumed input, results in input order, empty lines kept, line numbers counted on."""
+    tr = Translator(load_checkpoint(copy_model), device="cpu", precision="fp32", buffer_lines=3)
+    consumed: list[str] = []
+
+    def lines():  # noqa: ANN202
+        for text in [SOURCES[0], "", *SOURCES[1:5]]:
+            consumed.append(text)
+            yield text
+
+    results = tr.translate_lines(lines(), first_line=10)
+    first = next(results)
+    assert len(consumed) == 3  # one chunk of buffer_lines read, not the whole input
+    rest = list(results)
+    assert [r.line for r in [first, *rest]] == list(range(10, 16))
+    assert [r.best.text for r in [first, *rest]] == [SOURCES[0], "", *SOURCES[1:5]]
+    assert rest[0] == LineResult(11, "", [Translation("", 0.0, [])], [])
+    assert first.source_ids == encode_source(tr.src_tokenizer, SOURCES[0])
+
+
+def test_from_checkpoint_merges_decoding_options(copy_model: Path) -> None:
+    tr = Translator.from_checkpoint(copy_model, device="cpu", precision="fp32", beam=4, alpha=None, nbest=2)
+    stored = load_checkpoint(copy_model).config.decode
+    assert (tr.decode.beam, tr.decode.nbest, tr.decode.alpha) == (4, 2, stored.alpha)  # None keeps the stored value
+    with pytest.raises(NmtError, match="unknown decoding option\\(s\\) bream"):
+        Translator.from_checkpoint(copy_model, bream=4)
+    with pytest.raises(NmtError, match="nbest 3 is larger than the beam size 2"):
+        Translator.from_checkpoint(copy_model, device="cpu", beam=2, nbest=3)

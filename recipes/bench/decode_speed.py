@@ -23,7 +23,7 @@ import torch
 
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
-from nmt.device import autocast
+from nmt.device import autocast, tune_cpu
 from nmt.evaluate import corpus_scores
 from nmt.models import Seq2Seq
 from nmt.models.transformer import Transformer
@@ -80,15 +80,15 @@ def run(translator: Translator, model: Any, sources: list[list[int]], beam: int,
 
 
 def measure_model(name: str, path: Path, texts: list[str], references: list[str], precisions: list[str],
-                  latency_count: int, batch_tokens: int, threads: int, no_cache: bool = True) -> list[dict[str, Any]]:
+                  latency_count: int, batch_tokens: int, no_cache: bool = True) -> list[dict[str, Any]]:
     """One row per precision and search of one checkpoint; emulated bf16 is slower than fp32, so it is skipped."""
     rows: list[dict[str, Any]] = []
     for precision in precisions:
         if precision == "bf16" and not cpu_has_native_bf16():
             rows.append({"model": name, "precision": "bf16", "note": "skipped: no native bf16 on this CPU"})
             continue
-        translator = Translator.load(
-            path, device="cpu", threads=threads, batch_tokens=batch_tokens,
+        translator = Translator.from_checkpoint(
+            path, device="cpu", batch_tokens=batch_tokens,
             precision="fp32" if precision == "int8" else precision, quantize="int8" if precision == "int8" else "none",
         )
         label_precision = f"auto: {translator.precision.name}" if precision == "auto" else precision
@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("work/bench/decode_speed.json"))
     args = parser.parse_args()
+    tune_cpu(args.threads)
     texts = args.src.read_text(encoding="utf-8").splitlines()
     references = args.ref.read_text(encoding="utf-8").splitlines()
     rows: list[dict[str, Any]] = []
@@ -125,7 +126,7 @@ def main() -> None:
     for spec in args.model:
         name, _, path = spec.partition("=")
         rows += measure_model(name, Path(path), texts, references, args.precisions.split(","), args.latency_sentences,
-                              args.batch_tokens, args.threads)
+                              args.batch_tokens)
     ceilings.append(matmul_gflops())
     print_table("Decoding on the test set", rows, ["model", "precision", "mode", "sentences_per_s", "tokens_per_s",
                                                    "latency_ms", "bleu", "peak_mib", "note"])
