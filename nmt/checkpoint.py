@@ -60,9 +60,6 @@ class Checkpoint:
     def save(self, path: Path) -> None:
         write_bytes_atomic(Path(path), self.to_bytes())
 
-    def inference_only(self) -> Checkpoint:
-        """The same checkpoint without optimiser, scheduler and RNG state: for deployment."""
-        return replace(self, train_state=None)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

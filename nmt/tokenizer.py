@@ -88,9 +88,6 @@ class Tokenizer:
         """Normalise and encode to ids, without BOS/EOS (callers add what they need)."""
         return self._sp.encode(self.normalize(text))
 
-    def encode_pieces(self, text: str) -> list[str]:
-        return self._sp.encode(self.normalize(text), out_type=str)
-
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         """Encode many texts at once; SentencePiece spreads them over `num_threads` (0 = all)."""
         return self._sp.encode([self.normalize(t) for t in texts], num_threads=num_threads)
@@ -98,9 +95,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text, dropping special ids (pad, bos, eos) wherever they stand."""
         return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
-
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
 
     def id_to_piece(self, index: int) -> str:
         return self._sp.id_to_piece(index)

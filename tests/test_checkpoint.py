@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_round_trip_and_weights_only(joint_spm: Path, tmp_path: Path) -> None:
     assert loaded.src_tokenizer.normalization == "NFKC"
     assert loaded.train_state["progress"]["update"] == 3
     slim = tmp_path / "slim.pt"
-    loaded.inference_only().save(slim)
+    replace(loaded, train_state=None).save(slim)  # what nmt average writes
     assert load_checkpoint(slim).train_state is None
     assert slim.stat().st_size < path.stat().st_size
 

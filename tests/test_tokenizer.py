@@ -24,7 +24,6 @@ def test_round_trip_on_normalised_text(joint_spm: Path) -> None:
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == normalize(text)
-    assert tok.decode_batch([tok.encode(t) for t in TRICKY]) == [normalize(t) for t in TRICKY]
     assert tok.encode_batch(TRICKY) == [tok.encode(t) for t in TRICKY]
 
 
@@ -62,7 +61,7 @@ def test_gzip_input_sampling_and_user_symbols(corpus_dir: Path, tmp_path: Path) 
     assert summary.sentences_read == 600
     assert summary.sentences_used == 100
     tok = Tokenizer.load(summary.model)
-    assert "<2de>" in tok.encode_pieces("<2de> a man")
+    assert "<2de>" in [tok.id_to_piece(i) for i in tok.encode("<2de> a man")]
     assert summary.vocab.read_text(encoding="utf-8").count("\n") == 290
 
 
