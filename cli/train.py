@@ -10,27 +10,31 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cli.common import console, err_console, fail, handle_errors, human, summary_table
-from nmt.config import Config, defaults_for, load_config, merge, parse_overrides, to_toml
-from nmt.train import Trainer, latest_checkpoint
-from nmt.checkpoint import load_checkpoint
+from cli.common import console, err_console, handle_errors, human, summary_table
+from nmt.config import resolve, to_toml
+from nmt.device import tune_cpu
+from nmt.progress import Advance
+from nmt.train import Trainer
+
+SIGNAL_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT, 128 + SIGTERM, as shells report them
 
 
 class RichMonitor:
-    """Shows training as a progress bar with loss, perplexity, rate and tokens/s; validations as lines."""
+    """Shows training as a progress bar with loss, perplexity, rate and tokens/s, validation decoding as a
+    second bar while it runs, and validations as lines."""
 
     def __init__(self) -> None:
         self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} ppl {task.fields[ppl]} lr {task.fields[lr]} {task.fields[speed]} tok/s"),
+            TextColumn("{task.fields[stats]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=err_console,
             disable=not err_console.is_terminal and not os.environ.get("NMT_PROGRESS"),
         )
-        self.task: Any = None
+        self.train_task: Any = None
 
     def started(self, info: dict[str, Any]) -> None:
         err_console.print(to_toml(info["config"]), highlight=False, markup=False)
@@ -45,26 +49,14 @@ class RichMonitor:
             math.ceil(info["batches_per_epoch"] / cfg.accum_steps) * cfg.max_epochs if cfg.max_epochs else None
         )
         self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=total, completed=info["resumed_at"], epoch="-", loss="-", ppl="-", lr="-", speed="-"
-        )
+        self.train_task = self.progress.add_task("epoch -", total=total, completed=info["resumed_at"], stats="loss -")
 
     def logged(self, record: dict[str, Any]) -> None:
-        self.progress.update(
-            self.task,
-            completed=record["update"],
-            epoch=record["epoch"],
-            loss=f"{record['loss']:.3f}",
-            ppl=f"{record['ppl']:.2f}",
-            lr=f"{record['lr']:.2e}",
-            speed=human(record["tokens_per_s"]),
-        )
+        stats = (f"loss {record['loss']:.3f} ppl {record['ppl']:.2f} lr {record['lr']:.2e} "
+                 f"{human(record['tokens_per_s'])} tok/s")
+        self.progress.update(self.train_task, completed=record["update"], description=f"epoch {record['epoch']}", stats=stats)
         if not self.progress.live.is_started or self.progress.disable:
-            err_console.print(
-                f"update {record['update']} epoch {record['epoch']} loss {record['loss']:.3f} ppl {record['ppl']:.2f} "
-                f"lr {record['lr']:.2e} {human(record['tokens_per_s'])} tok/s",
-                highlight=False,
-            )
+            err_console.print(f"update {record['update']} epoch {record['epoch']} {stats}", highlight=False)
 
     def validated(self, record: dict[str, Any]) -> None:
         scores = "".join(f" {k} {record[k]:.2f}" for k in ("bleu", "chrf") if k in record)
@@ -77,22 +69,24 @@ class RichMonitor:
     def message(self, text: str) -> None:
         self.progress.console.print(text, highlight=False, markup=False)
 
+    def task(self, description: str, total: float | None = None, unit: str = "lines") -> Advance:
+        """Validation decoding: a second bar that goes away when done (one line where no bar is drawn)."""
+        if self.progress.disable:
+            err_console.print(f"{description}: {total:,.0f} {unit}", highlight=False)
+        task_id = self.progress.add_task(description, total=total, stats=unit)
+        left = total
+
+        def advance(amount: float) -> None:
+            nonlocal left
+            self.progress.advance(task_id, amount)
+            left = None if left is None else left - amount
+            if left is not None and left <= 0:
+                self.progress.remove_task(task_id)
+
+        return advance
+
     def stop(self) -> None:
         self.progress.stop()
-
-
-def resolve_config(config_file: Path | None, model: str | None, overrides: list[str], resume_from: Path | None) -> Config:
-    """Defaults, the model family's defaults and the config file (or a resumed run's stored config), then --set overrides."""
-    config = Config()
-    if resume_from is not None:
-        config = load_checkpoint(resume_from).config
-    else:
-        if model is not None:
-            merge(config, defaults_for(model))
-        if config_file is not None:
-            merge(config, load_config(config_file))
-    merge(config, parse_overrides(overrides))
-    return config
 
 
 @handle_errors
@@ -115,21 +109,8 @@ def train(
                         ("max_minutes", max_minutes), ("device", device), ("precision", precision)):
         if value is not None:
             sets.append(f"train.{name}={_literal(value)}")
-    resume_from = None
-    if resume and (config_file is not None or model is not None):
-        raise fail("--resume continues a run with its stored config: drop --config/--model (use --set for limits)")
-    if resume:
-        directory = run_dir or (Path(resolve_config(config_file, model, sets, None).train.run_dir))
-        resume_from = latest_checkpoint(directory)
-        if resume_from is None:
-            raise fail(f"{directory}: no checkpoint to resume from")
-    elif reset:
-        raise fail("--reset only makes sense with --resume")
-    config = resolve_config(config_file, model, sets, resume_from)
-    if not config.train.data:
-        raise fail("no training data: pass --data DIR (a directory written by `nmt prepare`)")
-    if not resume and latest_checkpoint(Path(config.train.run_dir)) is not None:
-        raise fail(f"{config.train.run_dir} already holds checkpoints: use --resume to continue or another --run-dir")
+    config = resolve(config_file, model, sets, resume=resume)
+    tune_cpu(config.train.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     monitor = RichMonitor()
     try:
         trainer = Trainer(config, monitor=monitor, resume=resume, reset=tuple(reset or ()))
@@ -143,8 +124,8 @@ def train(
         ("updates", result.updates),
         ("epochs finished", result.epochs_finished),
         ("target tokens", result.target_tokens),
-        ("time", f"{result.seconds / 60:.1f} min"),
-        ("target tokens/s", f"{result.target_tokens / max(result.seconds, 1e-9):,.0f}"),
+        ("time", f"{result.seconds / 60:.1f} min ({result.validation_seconds / 60:.1f} of it validating)"),
+        ("target tokens/s", f"{result.tokens_per_second:,.0f} (training time only)"),
     ]
     if result.last_validation:
         for key in ("loss", "ppl", "bleu", "chrf"):
@@ -156,8 +137,8 @@ def train(
     if result.best_checkpoint:
         rows.append(("best checkpoint", str(result.best_checkpoint)))
     console.print(summary_table("Training", rows))
-    if result.stop_reason == "interrupted":
-        raise typer.Exit(130)
+    if result.stop_reason in SIGNAL_EXIT_CODES:
+        raise typer.Exit(SIGNAL_EXIT_CODES[result.stop_reason])
 
 
 def _literal(value: object) -> str:

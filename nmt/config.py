@@ -1,18 +1,26 @@
 """Every option of a model, a training run and a decoding run, as dataclasses.
 
 A config file (TOML) has one table per dataclass: [model], [train], [decode].
-`load_config` reads it, `apply_overrides` merges `section.key=value` strings from
-the command line, and `to_dict` gives the resolved form stored in checkpoints.
+`resolve` builds a run's config with the precedence `nmt train` uses (defaults, model
+family, file or resumed checkpoint, `section.key=value` overrides), `validate` checks
+every training option once, and `to_dict` gives the resolved form stored in checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from nmt.errors import NmtError
+from nmt.precision import PRECISIONS
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("inverse_sqrt", "noam", "cosine", "plateau", "constant")
+HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}  # the metrics train.best_metric may name
 
 
 @dataclass
@@ -75,7 +83,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl and the resolved config go here
     seed: int = 1
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
-    threads: int = 0  # CPU threads for torch; 0 = all cores
+    threads: int = 0  # CPU threads for torch; 0 = all cores (nmt train applies it; Python users call nmt.device.tune_cpu)
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (fp16 on CUDA only, with loss scaling)
     max_tokens: int = 4096  # padded tokens per batch and per process (see TokenBatchSampler)
     accum_steps: int = 1  # batches accumulated into one update
@@ -96,7 +104,9 @@ class TrainConfig:
     min_lr: float = 1e-6  # plateau: never decay below this; cosine: the rate at max_updates
     valid_every: int = 1000  # validate every N updates (and at every epoch end); 0 = epoch end only
     valid_bleu: bool = True  # also decode the validation set (greedy) for BLEU and chrF
-    valid_max_sentences: int = 0  # decode only the first N validation sentences; 0 = all
+    # BLEU/chrF decode only the first N validation sentences (0 = all; the loss always uses the whole set),
+    # greedy with outputs of at most 1.2 * source length + 10 tokens: validation costs a bounded share of training
+    valid_max_sentences: int = 500
     best_metric: str = "bleu"  # "bleu", "chrf", "loss" or "ppl": what "best" means
     keep_last: int = 5  # update checkpoints kept besides best.pt
     patience: int = 0  # early stopping after N validations without improvement; 0 = off
@@ -224,3 +234,75 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return repr(value)
+
+
+def resolve(config_file: Path | None = None, model: str | None = None, overrides: Sequence[str] = (),
+            resume: bool = False) -> Config:
+    """A run's config as `nmt train` builds it, so the API and the CLI agree.
+
+    Defaults, then the model family's defaults (`model`), then the TOML file, then the
+    `section.key=value` overrides. A resumed run starts from the config stored in the latest
+    checkpoint of its run directory instead (a file or a family would change the model under
+    it), so only overrides apply.
+    """
+    sets = parse_overrides(list(overrides))
+    if resume:
+        if config_file is not None or model is not None:
+            raise NmtError("a resumed run continues with its stored config: drop --config/--model (use --set for limits)")
+        config = _stored_config(Path(merge(Config(), sets).train.run_dir))
+    else:
+        config = Config()
+        if model is not None:
+            merge(config, defaults_for(model))
+        if config_file is not None:
+            merge(config, load_config(config_file))
+    return merge(config, sets)
+
+
+def _stored_config(run_dir: Path) -> Config:
+    """The config in the latest checkpoint of `run_dir`."""
+    from nmt.checkpoint import load_checkpoint  # imported here: checkpoints are built on this module
+    from nmt.train.run_directory import latest_checkpoint
+
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise NmtError(f"{run_dir}: no checkpoint to resume from")
+    return load_checkpoint(path).config
+
+
+def validate(config: Config) -> None:
+    """Check every training option once, before any work; one NmtError line names the first bad one."""
+    train = config.train
+    if not train.data:
+        raise NmtError("no training data: set train.data (nmt train --data DIR) to a directory written by `nmt prepare`")
+    _check_choice("train.optimizer", train.optimizer, OPTIMIZERS)
+    _check_choice("train.scheduler", train.scheduler, SCHEDULERS)
+    _check_choice("train.best_metric", train.best_metric, tuple(HIGHER_IS_BETTER))
+    _check_choice("train.precision", train.precision, PRECISIONS)
+    for name in ("accum_steps", "max_tokens", "log_every", "keep_last"):
+        _check_at_least(f"train.{name}", getattr(train, name), 1)
+    for name in ("max_updates", "max_epochs", "max_minutes", "threads", "warmup", "valid_every", "valid_max_sentences",
+                 "patience", "plateau_patience", "clip_norm", "weight_decay", "min_lr"):
+        _check_at_least(f"train.{name}", getattr(train, name), 0)
+    if not (train.lr > 0 and math.isfinite(train.lr)):
+        raise NmtError(f"train.lr must be a positive number, got {train.lr}")
+    if not 0 <= train.label_smoothing < 1:
+        raise NmtError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    if not 0 < train.plateau_factor <= 1:
+        raise NmtError(f"train.plateau_factor must be in (0, 1], got {train.plateau_factor}")
+    if train.best_metric in ("bleu", "chrf") and not train.valid_bleu:
+        raise NmtError(f"best_metric {train.best_metric} needs train.valid_bleu = true")
+    if train.scheduler in ("inverse_sqrt", "noam") and train.warmup <= 0:
+        raise NmtError(f"scheduler {train.scheduler} needs train.warmup > 0")
+    if train.scheduler == "cosine" and train.max_updates <= train.warmup:
+        raise NmtError("scheduler cosine needs train.max_updates (where the decay ends) above train.warmup")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise NmtError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_at_least(name: str, value: float, least: int) -> None:
+    if not value >= least:  # NaN too
+        raise NmtError(f"{name} must be at least {least}, got {value}")

@@ -11,7 +11,8 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nmt.errors import NmtError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,9 +84,25 @@ class Distributed:
     def sum_float(self, value: float) -> float:
         return float(self._reduce(value, torch.float64)) if self.enabled else value
 
+    def max_int(self, value: int) -> int:
+        return int(self._reduce(value, torch.int64, dist.ReduceOp.MAX)) if self.enabled else value
+
     def any_true(self, flag: bool) -> bool:
         """One rank's decision (e.g. a time limit) becomes every rank's, so none waits forever."""
-        return bool(self._reduce(int(flag), torch.int64, dist.ReduceOp.MAX)) if self.enabled else flag
+        return bool(self.max_int(int(flag))) if self.enabled else flag
+
+    def main_only(self, action: Callable[[], T]) -> T | None:
+        """Run `action` on rank 0 only; an NmtError it raises is raised on every rank, so none waits forever."""
+        value, error = None, None
+        if self.is_main:
+            try:
+                value = action()
+            except NmtError as exc:
+                error = str(exc)
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise NmtError(error)
+        return value
 
     def broadcast_object(self, value: Any) -> Any:
         if not self.enabled:

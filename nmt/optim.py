@@ -1,23 +1,22 @@
-"""Optimiser with weight-decay groups and the learning-rate schedules of NMT training."""
+"""Optimiser with weight-decay groups, the learning-rate schedules of NMT training, and improvement tracking.
+
+Options are checked once, by `nmt.config.validate`, before anything here is built.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from nmt.config import TrainConfig
-from nmt.errors import NmtError
-
-SCHEDULERS = ("inverse_sqrt", "noam", "cosine", "plateau", "constant")
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam or AdamW; weight decay only on weight matrices, never on biases, norms or embeddings."""
-    if config.optimizer not in ("adam", "adamw"):
-        raise NmtError(f"unknown optimizer {config.optimizer!r}; choose adam or adamw")
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in dict.fromkeys(p for p in model.parameters() if p.requires_grad):  # tied weights once
@@ -32,6 +31,33 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=True)
 
 
+@dataclass
+class Improvement:
+    """The best validation score so far and the validations since it last improved.
+
+    Early stopping (the trainer's) and plateau decay (the schedule's) both count with one of these.
+    """
+
+    best: float | None = None
+    bad_validations: int = 0
+
+    def observe(self, score: float, higher_is_better: bool) -> bool:
+        """Feed a validation score; returns whether it is a new best."""
+        improved = self.best is None or (score > self.best if higher_is_better else score < self.best)
+        if improved:
+            self.best, self.bad_validations = score, 0
+        else:
+            self.bad_validations += 1
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Improvement:
+        return cls(best=state["best"], bad_validations=state["bad_validations"])
+
+
 class LearningRate:
     """The learning rate as a function of the update number, plus plateau decay.
 
@@ -44,17 +70,10 @@ class LearningRate:
     """
 
     def __init__(self, config: TrainConfig, d_model: int) -> None:
-        if config.scheduler not in SCHEDULERS:
-            raise NmtError(f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if config.scheduler in ("inverse_sqrt", "noam") and config.warmup <= 0:
-            raise NmtError(f"scheduler {config.scheduler} needs train.warmup > 0")
-        if config.scheduler == "cosine" and config.max_updates <= config.warmup:
-            raise NmtError("scheduler cosine needs train.max_updates (where the decay ends) above train.warmup")
         self.config = config
         self.d_model = d_model
         self.scale = 1.0  # plateau decay so far
-        self.bad_validations = 0
-        self.best: float | None = None
+        self.plateau = Improvement()
 
     def at(self, update: int) -> float:
         """The rate used for update number `update` (1-based)."""
@@ -79,19 +98,14 @@ class LearningRate:
         """Feed a validation score; returns True when the plateau rule decayed the rate."""
         if self.config.scheduler != "plateau":
             return False
-        improved = self.best is None or (score > self.best if higher_is_better else score < self.best)
-        if improved:
-            self.best, self.bad_validations = score, 0
+        if self.plateau.observe(score, higher_is_better) or self.plateau.bad_validations < self.config.plateau_patience:
             return False
-        self.bad_validations += 1
-        if self.bad_validations < self.config.plateau_patience:
-            return False
-        self.bad_validations = 0
+        self.plateau.bad_validations = 0
         self.scale *= self.config.plateau_factor
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "bad_validations": self.bad_validations, "best": self.best}
+        return {"scale": self.scale, **self.plateau.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.scale, self.bad_validations, self.best = state["scale"], state["bad_validations"], state["best"]
+        self.scale, self.plateau = state["scale"], Improvement.from_state_dict(state)

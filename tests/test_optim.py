@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from nmt.config import TrainConfig
-from nmt.errors import NmtError
 from nmt.loss import label_smoothed_loss
-from nmt.optim import LearningRate, build_optimizer
+from nmt.optim import Improvement, LearningRate, build_optimizer
 from nmt.tokenizer import PAD_ID
 
 
@@ -52,13 +51,18 @@ def test_plateau_decays_after_patience_and_respects_floor() -> None:
     assert restored.at(10) == schedule.at(10)
 
 
-def test_schedule_errors() -> None:
-    with pytest.raises(NmtError, match="unknown scheduler"):
-        LearningRate(TrainConfig(scheduler="exponential"), 256)
-    with pytest.raises(NmtError, match="max_updates"):
-        LearningRate(TrainConfig(scheduler="cosine", warmup=100, max_updates=0), 256)
-    with pytest.raises(NmtError, match="warmup > 0"):
-        LearningRate(TrainConfig(scheduler="noam", warmup=0), 256)
+def test_improvement_counts_validations_since_the_best() -> None:
+    tracker = Improvement()
+    assert [tracker.observe(score, higher_is_better=False) for score in (3.0, 2.0, 2.5, 2.0, 1.0)] == [True, True, False, False, True]
+    assert tracker == Improvement(best=1.0, bad_validations=0)
+    tracker.observe(4.0, higher_is_better=False)
+    assert Improvement.from_state_dict(tracker.state_dict()) == Improvement(best=1.0, bad_validations=1)
+
+
+def test_plateau_state_keeps_the_checkpoint_keys_of_earlier_versions() -> None:
+    schedule = LearningRate(TrainConfig(lr=1e-3, warmup=0, scheduler="plateau"), 256)
+    schedule.observe(2.0, True)
+    assert schedule.state_dict() == {"scale": 1.0, "best": 2.0, "bad_validations": 0}
 
 
 def test_weight_decay_groups() -> None:

@@ -1,0 +1,26 @@
+"""How training reports to a person watching it (the CLI draws it; the Python API stays silent)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from nmt.progress import SILENT, Advance, Reporter
+
+
+class Monitor(Reporter, Protocol):
+    """Receives what a person watching training wants to see (rank 0 only); `task` shows validation's progress."""
+
+    def started(self, info: dict[str, Any]) -> None: ...
+    def logged(self, record: dict[str, Any]) -> None: ...
+    def validated(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class SilentMonitor:
+    def started(self, info: dict[str, Any]) -> None: ...
+    def logged(self, record: dict[str, Any]) -> None: ...
+    def validated(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+
+    def task(self, description: str, total: float | None = None, unit: str = "lines") -> Advance:
+        return SILENT.task(description, total, unit)

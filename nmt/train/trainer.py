@@ -1,0 +1,222 @@
+"""The training loop, and only the loop: the parts it drives each have their own module.
+
+One `Trainer` serves both architectures (they share the model interface) and every device.
+After every update one decision (`_after_update`) logs, checks the limits, the stop signals
+and patience, validates and saves; limits are checked before every update, so a run resumed
+at its limit does no update at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.checkpoint import Checkpoint
+from nmt.config import HIGHER_IS_BETTER, Config, ModelConfig, to_toml, validate
+from nmt.data import PreparedData, TokenBatchSampler
+from nmt.device import resolve_device
+from nmt.distributed import Distributed
+from nmt.errors import NmtError
+from nmt.models import build_model
+from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
+from nmt.train.meter import TrainMeter
+from nmt.train.metrics_log import MetricsLog
+from nmt.train.monitor import Monitor, SilentMonitor
+from nmt.train.run_directory import RunDirectory
+from nmt.train.signals import StopSignals, stop_reason
+from nmt.train.state import Progress, TrainResult, capture_rng, check_reset, limit_reached, load_resumable, restore_rng
+from nmt.train.step import UpdateStep
+from nmt.train.validator import Validator
+
+TIMED_ROWS = 1024  # rows of the matrix products timed for precision="auto" (at most a batch's tokens)
+
+
+class Trainer:
+    """Trains one model on one prepared dataset, as described by a `Config` (validated here; the caller's is not changed)."""
+
+    def __init__(self, config: Config, monitor: Monitor | None = None, resume: bool = False,
+                 reset: tuple[str, ...] = ()) -> None:
+        validate(config)
+        check_reset(reset, resume)
+        self.config = copy.deepcopy(config)
+        self.cfg = cfg = self.config.train
+        self.dist = Distributed.from_environment()
+        self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
+        self.monitor: Monitor = monitor if (monitor is not None and self.dist.is_main) else SilentMonitor()
+        self.run_dir = RunDirectory(Path(cfg.run_dir))
+        self.dist.main_only(lambda: self.run_dir.check_available(resume))
+        self.data = open_data(Path(cfg.data), resume)
+        self.train_split = self.data.split("train")
+        fill_vocabulary(self.config.model, self.data)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model = build_model(self.config.model).to(self.device)
+        self.precision = choose_run_precision(cfg.precision, self.device, self.model, cfg.max_tokens, self.dist)
+        self.amp_dtype = self.precision.dtype
+        self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype, self.run_dir)
+        self.optimizer = self.step.optimizer
+        self.sampler = TokenBatchSampler(self.train_split.src_lengths, self.train_split.tgt_lengths, cfg.max_tokens,
+                                         seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype)
+        self.progress, self.last_saved, self.last_validation = Progress(), None, None
+        if resume:
+            self._resume(reset)
+
+    def _resume(self, reset: tuple[str, ...]) -> None:
+        path, ckpt = load_resumable(self.run_dir, self.data, self.config, self.dist.world_size)
+        self.model.load_state_dict(ckpt.model_state)
+        self.step.load_state_dict(ckpt.train_state, reset)
+        self.progress = Progress.from_state_dict(ckpt.train_state["progress"], reset_best="best" in reset)
+        if self.progress.position >= len(self.sampler.batches(self.progress.epoch)):  # saved at an epoch's end by earlier versions
+            self.progress.epoch, self.progress.position = self.progress.epoch + 1, 0
+        restore_rng(ckpt.train_state["rng"][self.dist.rank])
+        self.last_saved = path
+        resets = f" (reset: {', '.join(reset)})" if reset else ""
+        self.monitor.message(f"resumed from {path} at update {self.progress.update}, epoch {self.progress.epoch}{resets}")
+
+    def update(self, group: list[list[int]]) -> tuple[float, float, int]:
+        """One optimiser update over `group` batches; returns summed loss, NLL and target tokens."""
+        return self.step(group, self.progress.update + 1)
+
+    def train(self) -> TrainResult:
+        """Run until a limit, early stopping or a stop signal; always end on a saved checkpoint."""
+        self.meter = TrainMeter(self.progress.elapsed, self.progress.validation_seconds)
+        with ExitStack() as stack:
+            self.dist.main_only(lambda: stack.enter_context(self.run_dir.lock()))
+            self.log = stack.enter_context(MetricsLog(self.run_dir.metrics_path, self.run_dir.path / "tensorboard",
+                                                      enabled=self.dist.is_main))
+            self.signals = stack.enter_context(StopSignals(self.monitor.message))
+            self.log.write({"kind": "setup", "update": self.progress.update, **self.precision.as_record()})
+            self.monitor.started(self._start_info())
+            reason = self._limit_reached()
+            while not reason:
+                reason = self._after_update(self._train_next_group())
+        self.dist.barrier()
+        return self._result(reason)
+
+    def _train_next_group(self) -> bool:
+        """One update on the next `accum_steps` batches of the epoch; returns whether it ended the epoch."""
+        progress = self.progress
+        batches = self.sampler.batches(progress.epoch)
+        group = batches[progress.position:progress.position + self.cfg.accum_steps]
+        loss, nll, tokens = self.update(group)
+        progress.update += 1
+        progress.position += len(group)
+        progress.target_tokens += tokens
+        self.meter.add(loss, nll, tokens)
+        return progress.position >= len(batches)
+
+    def _after_update(self, epoch_ended: bool) -> str:
+        """The one place that decides, after each update, what to log, validate and save, and whether to stop."""
+        cfg, progress = self.cfg, self.progress
+        if progress.update % cfg.log_every == 0:
+            record = self.meter.record(progress.update, progress.epoch, self.step.last_rate)
+            self.log.write(record)
+            self.monitor.logged(record)
+        epoch = progress.epoch
+        if epoch_ended:
+            progress.epoch, progress.position = epoch + 1, 0
+        limit = self._limit_reached()
+        signalled = stop_reason(self.dist.max_int(self.signals.received))  # every rank stops at the same update
+        if limit or epoch_ended or (cfg.valid_every and progress.update % cfg.valid_every == 0):
+            self._save(self._validate(epoch))
+            return limit or self._patience_exhausted() or signalled
+        if signalled:
+            self._save(None)
+        return signalled
+
+    def _limit_reached(self) -> str:
+        over = bool(self.cfg.max_minutes) and self.dist.any_true(self.meter.elapsed() >= self.cfg.max_minutes * 60)
+        return limit_reached(self.cfg, self.progress, out_of_time=over)
+
+    def _patience_exhausted(self) -> str:
+        if self.cfg.patience and self.progress.improvement.bad_validations >= self.cfg.patience:
+            self.monitor.message(f"early stopping: no improvement in {self.cfg.patience} validations")
+            return "early_stopping"
+        return ""
+
+    def _validate(self, epoch: int) -> dict[str, Any] | None:
+        """Validate on rank 0 (the others wait for its record), log it, update best, patience and plateau.
+        Its time is kept out of training rates."""
+        if self.validator is None:
+            return None
+        started = time.perf_counter()
+        record = self.validator(self.model, self.progress.update, epoch, self.monitor) if self.dist.is_main else None
+        record = self.dist.broadcast_object(record)
+        self.meter.exclude(time.perf_counter() - started)
+        score, higher = record[self.cfg.best_metric], HIGHER_IS_BETTER[self.cfg.best_metric]
+        improved = self.progress.improvement.observe(score, higher)
+        if self.step.schedule.observe(score, higher):
+            self.monitor.message(f"plateau: learning rate now {self.step.schedule.at(self.progress.update + 1):.3g}")
+        record.update(best=self.progress.best, improved=improved)
+        self.log.write(record)
+        self.monitor.validated(record)
+        self.last_validation = record
+        return record
+
+    def _save(self, validation: dict[str, Any] | None) -> None:
+        """Write update_N.pt (best.pt too if `validation` improved) and config.toml on rank 0; every rank waits."""
+        self.progress.elapsed, self.progress.validation_seconds = self.meter.elapsed(), self.meter.validation_seconds
+        rng = self.dist.gather_object(capture_rng())
+        if self.dist.is_main:
+            state = {**self.step.state_dict(), "progress": self.progress.state_dict(), "rng": rng}
+            checkpoint = Checkpoint(self.config, self.model.state_dict(), self.data.src_tokenizer, self.data.tgt_tokenizer,
+                                    train_state=state, metrics=numbers(validation or {}))
+            best = validation is not None and validation["improved"]
+            self.run_dir.save(checkpoint.to_bytes(), self.progress.update, best, self.cfg.keep_last, to_toml(self.config))
+        self.last_saved = self.run_dir.update_path(self.progress.update)
+        self.dist.barrier()
+
+    def _start_info(self) -> dict[str, Any]:
+        return {"config": self.config, "device": str(self.device), "precision": self.precision.describe(),
+                "threads": torch.get_num_threads(), "world_size": self.dist.world_size,
+                "parameters": self.model.num_parameters(), "train_examples": len(self.train_split),
+                "batches_per_epoch": len(self.sampler.batches(self.progress.epoch)), "resumed_at": self.progress.update}
+
+    def _result(self, reason: str) -> TrainResult:
+        best = self.run_dir.best_path
+        return TrainResult(self.progress.update, self.progress.epoch - 1, reason, self.last_saved,
+                           best if best.exists() else None, self.progress.best, self.meter.elapsed(),
+                           self.meter.validation_seconds, self.progress.target_tokens, self.last_validation)
+
+
+def numbers(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a record (what a checkpoint keeps of its validation)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def choose_run_precision(name: str, device: torch.device, model: torch.nn.Module, max_tokens: int,
+                         dist: Distributed) -> Precision:
+    """`train.precision`, with "auto" measured on the model's matrix shapes; bf16 only if every rank measured it faster."""
+    choice = choose_precision(name, device, matrix_shapes(model, min(max_tokens, TIMED_ROWS)))
+    if name == "auto" and dist.any_true(choice.name != "bf16") and choice.name == "bf16":
+        return Precision("fp32", f"{choice.reason}, but not on every rank", choice.gflops)
+    return choice
+
+
+def open_data(path: Path, resumed: bool) -> PreparedData:
+    """The prepared data, with errors that say what the path is and, when resuming, how to point elsewhere."""
+    if path.exists() and not path.is_dir():
+        raise NmtError(f"{path}: is a file, not a directory written by `nmt prepare`")
+    if not path.exists() and resumed:
+        raise NmtError(f"{path}: no such data directory (the resumed run's train.data; if it is elsewhere "
+                       "or relative to another working directory, pass --data DIR or --set train.data=DIR)")
+    return PreparedData.open(path)
+
+
+def fill_vocabulary(model: ModelConfig, data: PreparedData) -> None:
+    """The vocabulary sizes come from the data's tokenizers, never from the config file."""
+    model.src_vocab_size = data.src_tokenizer.vocab_size
+    model.tgt_vocab_size = data.tgt_tokenizer.vocab_size
+    model.joint_vocab = data.joint
+    if model.share_embeddings and not data.joint:
+        raise NmtError(
+            "model.share_embeddings needs one joint tokenizer, but the data has one per side; set model.share_embeddings=false"
+        )

@@ -1,0 +1,111 @@
+"""Validation during training: loss and perplexity on the whole validation set, BLEU/chrF on a capped part.
+
+What bounds its cost: the loss is one teacher-forced pass (cheap); decoding is what costs,
+and an untrained model runs every sentence to its length limit. So BLEU decodes greedily only
+the first `max_sentences` sentences, with outputs of at most 1.2 * source length + 10 tokens
+(translation's default allows 1.5 * source + 10), and reports its progress.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmt.config import Config, DecodeConfig
+from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler, collate, source_ids
+from nmt.device import autocast
+from nmt.evaluate import corpus_scores
+from nmt.loss import label_smoothed_loss
+from nmt.progress import SILENT, Reporter
+from nmt.tokenizer import Tokenizer
+from nmt.translate import translate_ids
+
+VALID_MAX_LEN_A, VALID_MAX_LEN_B = 1.2, 10
+BATCHES_PER_STEP = 4  # progress advances after about this many decoding batches
+
+
+def validation_search(decode: DecodeConfig) -> DecodeConfig:
+    """Greedy search with the validation length limit (or the run's own, where tighter)."""
+    return replace(decode, beam=1, nbest=1, sampling=False, max_len_a=min(decode.max_len_a, VALID_MAX_LEN_A),
+                   max_len_b=min(decode.max_len_b, VALID_MAX_LEN_B))
+
+
+class Validator:
+    """Scores a model on one validation split, with its own batch budget and sentence cap."""
+
+    def __init__(self, split: EncodedSplit, tokenizer: Tokenizer, decode: DecodeConfig, *, batch_tokens: int,
+                 max_sentences: int, bleu: bool, label_smoothing: float, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> None:
+        self.split, self.tokenizer, self.search = split, tokenizer, validation_search(decode)
+        self.batch_tokens, self.bleu, self.label_smoothing = batch_tokens, bleu, label_smoothing
+        self.sentences = len(split) if not max_sentences else min(len(split), max_sentences)
+        self.device, self.amp_dtype = device, amp_dtype
+
+    @classmethod
+    def for_run(cls, data: PreparedData, config: Config, device: torch.device, amp_dtype: torch.dtype | None) -> Validator | None:
+        """The validator of a training run (None when the data has no valid split), with the run's batch size."""
+        if not data.has_split("valid"):
+            return None
+        train = config.train
+        return cls(data.split("valid"), data.tgt_tokenizer, config.decode, batch_tokens=train.max_tokens,
+                   max_sentences=train.valid_max_sentences, bleu=train.valid_bleu, label_smoothing=train.label_smoothing,
+                   device=device, amp_dtype=amp_dtype)
+
+    @torch.inference_mode()
+    def __call__(self, model: nn.Module, update: int, epoch: int, reporter: Reporter = SILENT) -> dict[str, Any]:
+        """The `valid` record of metrics.jsonl: loss and ppl, and with BLEU on, bleu, chrf, the sentences scored and one example."""
+        model.eval()
+        record: dict[str, Any] = {"kind": "valid", "update": update, "epoch": epoch, **self._loss(model)}
+        if self.bleu:
+            hypotheses = self._decode(model, reporter)
+            scores = corpus_scores(hypotheses, self.split.references()[: self.sentences], metrics=("bleu", "chrf"))
+            record.update(bleu=scores["bleu"].score, chrf=scores["chrf"].score, bleu_sentences=self.sentences,
+                          example=hypotheses[0] if hypotheses else "")
+        return record
+
+    def _loss(self, model: nn.Module) -> dict[str, float]:
+        """Teacher-forced loss per target token, and perplexity, over the whole split."""
+        loss_sum = nll_sum = 0.0
+        tokens = 0
+        sampler = TokenBatchSampler(self.split.src_lengths, self.split.tgt_lengths, self.batch_tokens, seed=0, shuffle=False)
+        for batch_ids in sampler.batches(1):
+            batch = collate([self.split[i] for i in batch_ids]).to(self.device)
+            with autocast(self.device, self.amp_dtype):
+                features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
+                loss, nll = label_smoothed_loss(features, model.output.weight, batch.tgt_out, self.label_smoothing)
+            loss_sum += loss.item()
+            nll_sum += nll.item()
+            tokens += batch.tgt_tokens
+        return {"loss": loss_sum / tokens, "ppl": math.exp(min(nll_sum / tokens, 50.0))}
+
+    def _decode(self, model: nn.Module, reporter: Reporter) -> list[str]:
+        """Greedy translations of the first `sentences` sources, in order, a few batches at a time for progress."""
+        sources = [source_ids(self.split[i][0]) for i in range(self.sentences)]
+        hypotheses = [""] * len(sources)
+        advance = reporter.task("validation BLEU", total=len(sources), unit="sentences")
+        for chunk in _chunks(sources, self.batch_tokens * BATCHES_PER_STEP):
+            with autocast(self.device, self.amp_dtype):
+                results = translate_ids(model, [sources[i] for i in chunk], self.search, self.batch_tokens, self.device)
+            for index, found in zip(chunk, results):
+                hypotheses[index] = self.tokenizer.decode(found[0].tokens)
+            advance(len(chunk))
+        return hypotheses
+
+
+def _chunks(sources: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
+    """Indices longest first, cut into chunks of about `tokens` source tokens (a sentence translates the
+    same in any batch, so chunking changes only when progress is shown)."""
+    chunks: list[list[int]] = [[]]
+    total = 0
+    for index in sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True):
+        if chunks[-1] and total + len(sources[index]) > tokens:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += len(sources[index])
+    return [chunk for chunk in chunks if chunk]
