@@ -179,24 +179,37 @@ class RunMetrics:
 
 def read_metrics(run: Path) -> RunMetrics:
     """Read RUN/metrics.jsonl (or a metrics file itself); for an update logged twice, as after
-    resuming from an earlier checkpoint, the later record wins."""
+    resuming from an earlier checkpoint, the later record wins. A partial last line (no newline
+    after it: the writer was killed mid-line) is left out; a bad line anywhere else is an error."""
     path = run / "metrics.jsonl" if run.is_dir() else run
     if run.is_dir() and not path.exists():
         raise NmtError(f"{run}: no metrics.jsonl (not a training run directory?)")
     by_update: dict[tuple[str, str], dict[int, float]] = {(kind, key): {} for kind, key, _ in CURVES}
+    bad: NmtError | None = None
     for number, line in enumerate(read_lines(path), start=1):
+        if bad is not None:
+            raise bad
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             kind, update = record["kind"], int(record["update"])
         except (ValueError, KeyError, TypeError):
-            raise NmtError(f"{path}: line {number} is not a metrics record") from None
+            bad = NmtError(f"{path}: line {number} is not a metrics record")
+            continue
         for (want, key), values in by_update.items():
             if kind == want and isinstance(record.get(key), (int, float)):
                 values[update] = float(record[key])
+    if bad is not None and _ends_with_newline(path):
+        raise bad
     series = {name: (sorted(values), [values[u] for u in sorted(values)]) for name, values in by_update.items()}
     return RunMetrics(path.parent, series)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 def run_labels(runs: Sequence[RunMetrics]) -> list[str]:

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from nmt.config import Config, defaults_for, from_dict, load_config, merge, parse_overrides, to_dict, to_toml
+from nmt.config import Config, defaults_for, from_dict, load_config, merge, parse_overrides, resolve, to_dict, to_toml, validate
 from nmt.errors import NmtError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "multi30k"
 
 
 def test_overrides_are_typed_and_merged_in_order() -> None:
@@ -55,3 +57,57 @@ def test_bad_files_and_models(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.toml")
     with pytest.raises(NmtError, match="unknown model"):
         defaults_for("cnn")
+
+
+def train_config(*items: str) -> Config:
+    return merge(Config(), parse_overrides(["train.data=d", *items]))
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["train.data="], r"^no training data: set train.data \(nmt train --data DIR\)"),
+        (["train.max_updates=-1"], r"^train.max_updates must be at least 0, got -1$"),
+        (["train.max_minutes=-1"], r"^train.max_minutes must be at least 0, got -1.0$"),
+        (["train.max_minutes=nan"], r"^train.max_minutes must be at least 0, got nan$"),
+        (["train.max_epochs=-2"], r"^train.max_epochs must be at least 0"),
+        (["train.valid_max_sentences=-1"], r"^train.valid_max_sentences must be at least 0"),
+        (["train.keep_last=0"], r"^train.keep_last must be at least 1, got 0$"),
+        (["train.accum_steps=0"], r"^train.accum_steps must be at least 1"),
+        (["train.lr=0"], r"^train.lr must be a positive number, got 0.0$"),
+        (["train.label_smoothing=1"], r"^train.label_smoothing must be in \[0, 1\)"),
+        (["train.plateau_factor=0"], r"^train.plateau_factor must be in \(0, 1\]"),
+        (["train.optimizer=sgd"], r"^unknown train.optimizer 'sgd'; choose one of adam, adamw$"),
+        (["train.scheduler=exponential"], r"^unknown train.scheduler 'exponential'; choose one of inverse_sqrt, noam"),
+        (["train.best_metric=ter"], r"^unknown train.best_metric 'ter'; choose one of bleu, chrf, loss, ppl$"),
+        (["train.precision=fp8"], r"^unknown train.precision 'fp8'; choose one of auto, fp32, bf16, fp16$"),
+        (["train.valid_bleu=false"], r"^best_metric bleu needs train.valid_bleu = true$"),
+        (["train.scheduler=noam", "train.warmup=0"], r"^scheduler noam needs train.warmup > 0$"),
+        (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine needs train.max_updates .* above train.warmup$"),
+    ],
+)
+def test_validate_rejects_bad_training_options(items: list[str], message: str) -> None:
+    with pytest.raises(NmtError, match=message):
+        validate(train_config(*items))
+
+
+def test_validate_accepts_the_defaults_and_the_recipes() -> None:
+    validate(train_config())
+    for recipe in sorted(RECIPES.glob("*.toml")):
+        validate(resolve(recipe, overrides=["train.data=d"]))
+
+
+def test_resolve_precedence(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[train]\nlr = 0.005\nwarmup = 7\n[model]\ndropout = 0.4\n")
+    config = resolve(tmp_path / "c.toml", model="gru", overrides=["train.warmup=9"])
+    assert (config.model.arch, config.model.cell, config.train.scheduler) == ("rnn", "gru", "plateau")  # family
+    assert (config.train.lr, config.model.dropout) == (0.005, 0.4)  # the file over the family
+    assert config.train.warmup == 9  # overrides over the file
+    assert resolve() == Config()
+
+
+def test_resolve_for_resuming(tmp_path: Path) -> None:
+    with pytest.raises(NmtError, match=r"^a resumed run continues with its stored config: drop --config/--model"):
+        resolve(model="lstm", resume=True)
+    with pytest.raises(NmtError, match=f"^{tmp_path / 'run'}: no checkpoint to resume from$"):
+        resolve(overrides=[f'train.run_dir="{tmp_path / "run"}"'], resume=True)

@@ -179,3 +179,15 @@ def test_metrics_reading(tmp_path: Path) -> None:
     log.write_text(json.dumps(records[0]) + "\n{oops\n")
     with pytest.raises(NmtError, match="metrics.jsonl: line 2 is not a metrics record"):
         read_metrics(log)
+    log.write_text(json.dumps(records[0]) + "\n{oops\n" + json.dumps(records[1]) + "\n")
+    with pytest.raises(NmtError, match="metrics.jsonl: line 2 is not a metrics record"):  # in the middle
+        read_metrics(log)
+
+
+def test_a_partial_last_line_is_left_out(tmp_path: Path) -> None:
+    """A training killed while writing a record leaves its last line cut off; the run still plots."""
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"kind": "train", "update": 1, "loss": 5.0}\n{"kind": "train", "update": 2, "lo')
+    assert read_metrics(log).series[("train", "loss")] == ([1], [5.0])
+    log.write_text('{"kind": "train", "upd')
+    assert read_metrics(log).series[("train", "loss")] == ([], [])
