@@ -18,6 +18,7 @@ Conventions shared by every strategy, so that their results compare exactly:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -221,11 +222,20 @@ def check_options(config: DecodeConfig) -> None:
         raise NmtError(f"nbest {config.nbest} is larger than the beam size {config.beam}")
     if config.length_penalty not in PENALTIES:
         raise NmtError(f"unknown length penalty {config.length_penalty!r}; choose one of {', '.join(PENALTIES)}")
-    if config.sampling and config.temperature <= 0:
-        raise NmtError(f"sampling temperature must be positive, got {config.temperature}")
+    if not (math.isfinite(config.alpha) and config.alpha >= 0):
+        raise NmtError(f"alpha (the length penalty exponent) must be a finite number >= 0, got {config.alpha}")
+    if not (math.isfinite(config.max_len_a) and config.max_len_a >= 0) or config.max_len_b < 0:
+        raise NmtError(f"max-len-a and max-len-b must be >= 0 (the output limit is a * source length + b), "
+                       f"got {config.max_len_a} and {config.max_len_b}")
+    if config.max_len_a == 0 and config.max_len_b < 1:
+        raise NmtError("max-len-b must be at least 1 when max-len-a is 0: every output needs room for EOS")
+    if config.min_len < 0:
+        raise NmtError(f"min-len must be >= 0, got {config.min_len}")
+    if config.sampling and not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise NmtError(f"sampling temperature must be a finite positive number, got {config.temperature}")
     if config.sampling and config.top_k < 0:
         raise NmtError(f"top-k must be 0 (off) or positive, got {config.top_k}")
-    if config.sampling and not 0.0 < config.top_p <= 1.0:
+    if config.sampling and not 0.0 < config.top_p <= 1.0:  # also refuses nan
         raise NmtError(f"top-p must be in (0, 1], got {config.top_p}")
 
 
