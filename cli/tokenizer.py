@@ -25,6 +25,7 @@ def tokenizer(
     normalization: Annotated[str, typer.Option(help=f"Unicode normalisation applied before training and encoding: {', '.join(NORMALIZATIONS)}.")] = "NFC",
     byte_fallback: Annotated[bool, typer.Option(help="Spell unseen characters as UTF-8 bytes instead of <unk>.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for sentence sampling.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing PREFIX.model.")] = False,
 ) -> None:
     """Train a SentencePiece tokenizer (BPE or unigram), joint or one per side."""
     if separate and len(inputs) % 2:
@@ -48,6 +49,7 @@ def tokenizer(
                     normalization=normalization,
                     byte_fallback=byte_fallback,
                     seed=seed,
+                    overwrite=overwrite,
                     reporter=reporter,
                 )
             )

@@ -70,7 +70,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise NmtError(f"{path}: no such tokenizer model")
-        return cls(path.read_bytes(), normalization)
+        try:
+            return cls(path.read_bytes(), normalization)
+        except NmtError as exc:
+            raise NmtError(f"{path}: {exc} (expected a .model file from nmt tokenizer)") from None
 
     @property
     def vocab_size(self) -> int:
@@ -161,6 +164,7 @@ def train_sentencepiece(
     byte_fallback: bool = True,
     seed: int = 1,
     num_threads: int = 0,
+    overwrite: bool = False,
     reporter: Reporter = SILENT,
 ) -> TrainingSummary:
     """Train a SentencePiece model on text files, writing `<prefix>.model` and `<prefix>.vocab`.
@@ -173,12 +177,18 @@ def train_sentencepiece(
         raise NmtError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
     if vocab_size < len(SPECIAL_IDS) + 1:
         raise NmtError(f"vocabulary size {vocab_size} is too small")
-    if not 0.0 < character_coverage <= 1.0:
-        raise NmtError(f"character coverage must be in (0, 1], got {character_coverage}")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own range
+        raise NmtError(f"character coverage must be between 0.98 and 1.0, got {character_coverage}")
+    if sample_size < 0:
+        raise NmtError(f"sample size must be 0 (all sentences) or positive, got {sample_size}")
+    if bad := [s for s in user_defined_symbols if not s or any(c.isspace() for c in s)]:
+        raise NmtError(f"user-defined symbols must be non-empty and without spaces, got {bad[0]!r}")
     if not files:
         raise NmtError("no input files given")
     prefix = Path(prefix)
     ensure_writable_dir(prefix.parent)
+    if Path(f"{prefix}.model").exists() and not overwrite:
+        raise NmtError(f"{prefix}.model: already exists (use --overwrite to replace it)")
     start = time.perf_counter()
     spm.set_random_generator_seed(seed)
     sentences, read = _sample_sentences(files, sample_size, normalization, seed, reporter)
@@ -244,5 +254,11 @@ def _training_error(exc: RuntimeError, vocab_size: int) -> NmtError:
             f"vocabulary size {vocab_size} is more than this corpus can supply "
             f"(at most {limit.group(1)}); lower --vocab-size or add data"
         )
-    first = message.strip().splitlines()[-1] if message.strip() else "unknown error"
-    return NmtError(f"SentencePiece training failed: {first}")
+    chars = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if chars:
+        return NmtError(
+            f"vocabulary size {vocab_size} is too small: this corpus needs {chars.group(2)} pieces for its characters "
+            f"(and the 256 byte pieces of byte fallback); raise --vocab-size"
+        )
+    last = message.strip().splitlines()[-1] if message.strip() else "unknown error"
+    return NmtError(f"SentencePiece training failed: {last.rsplit('] ', 1)[-1]}")  # without its source location

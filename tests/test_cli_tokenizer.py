@@ -62,6 +62,11 @@ def test_separate_models_as_subprocess(corpus_dir: Path, tmp_path: Path) -> None
         ("good", ["--vocab-size", "100000"], "more than this corpus can supply"),
         ("good", ["--separate"], "even number of inputs"),
         ("unwritable", [], "cannot create directory"),
+        ("blocked", [], "blocker: is not a directory"),
+        ("good", ["--symbol", ""], "user-defined symbols must be non-empty and without spaces, got ''"),
+        ("good", ["--sample", "-1"], "sample size must be 0 (all sentences) or positive, got -1"),
+        ("good", ["--vocab-size", "300", "--no-byte-fallback"], "vocabulary size 300 is more than this corpus can supply"),
+        ("exists", [], "m.model: already exists (use --overwrite to replace it)"),
     ],
 )
 def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, corpus_dir: Path, setup: str, extra: list[str], message: str) -> None:
@@ -71,17 +76,20 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, corpus_dir: Path,
         source.write_bytes(b"")
     elif setup == "binary":
         source.write_bytes(b"fine\n\x80\x81\n")
-    elif setup in ("good", "unwritable"):
+    elif setup in ("good", "unwritable", "blocked", "exists"):
         source.write_text((corpus_dir / "train.en").read_text())
-    if setup == "unwritable":
+    if setup in ("unwritable", "blocked"):
         (tmp_path / "blocker").write_text("a file, not a directory")
-        prefix = tmp_path / "blocker" / "sub" / "m"
+        prefix = tmp_path / "blocker" / ("sub" if setup == "unwritable" else "") / "m"
+    if setup == "exists":
+        prefix.parent.mkdir()
+        Path(f"{prefix}.model").write_bytes(b"an earlier model")
     result = nmt("tokenizer", str(source), "-o", str(prefix), *extra)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not list(tmp_path.rglob("*.model"))
+    assert "Traceback" not in result.stderr and "INTERNAL" not in result.stderr and "_coverage" not in result.stderr
+    assert not list(tmp_path.rglob("*.model")) or setup == "exists" and Path(f"{prefix}.model").read_bytes() == b"an earlier model"
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:
