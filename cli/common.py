@@ -36,6 +36,14 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `timeout`, `docker stop`): unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def debug_enabled() -> bool:
     return os.environ.get("NMT_DEBUG", "") not in ("", "0")
 
@@ -60,6 +68,8 @@ def handle_errors(command: F) -> F:
         except (NmtError, OSError, KeyboardInterrupt) as exc:
             if debug_enabled():
                 raise
+            if isinstance(exc, Terminated):
+                raise fail("terminated", 143) from None
             if isinstance(exc, KeyboardInterrupt):
                 raise fail("interrupted", 130) from None
             if isinstance(exc, OSError):

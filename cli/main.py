@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Annotated
 
 import typer
 
 from cli.attention import attention
+from cli.common import on_sigterm
 from cli.evaluate import evaluate
 from cli.plot import plot
 from cli.prepare import prepare
@@ -53,6 +55,7 @@ app.command(name="plot")(plot)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, on_sigterm)  # `nmt train` saves a checkpoint on it too
     app()
 
 

@@ -34,7 +34,7 @@ def format_result(result: LineResult, nbest: bool, scores: bool) -> str:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"warning: {message}", highlight=False, markup=False)
+    err_console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
 
 
 def results_with_warnings(results: Iterable[LineResult]) -> Iterator[LineResult]:
@@ -50,7 +50,7 @@ def build_translator(model: Path, threads: int, **options: Any) -> Translator:
     tune_cpu(threads)
     translator = Translator.from_checkpoint(model, **options)
     if translator.precision.gflops:  # "auto" measured this machine: say what it found
-        err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False)
+        err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False, soft_wrap=True)
     return translator
 
 
@@ -133,8 +133,8 @@ def translate(
     if input is None:
         _translate_stream(translator, LineStream(sys.stdin.buffer, errors, "stdin"), _utf8_stdout(), show_nbest, scores)
         return
-    check_readable(input, stream_ok=True)
-    total = None if is_stream(input) else count_lines(input)  # a pipe can be read only once
+    check_readable(input, stream_ok=True, empty_ok=True)  # an empty file translates to an empty file, as stdin does
+    total = None if is_stream(input) else count_lines(input) if input.stat().st_size else 0  # a pipe can be read only once
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")
         lines_in = LineStream(source, errors, str(input))
@@ -186,6 +186,8 @@ def average(
         found = sorted(paths[0].glob("update_*.pt"))
         if not found:
             raise NmtError(f"{paths[0]}: no update_*.pt checkpoints")
+        if len(found) < last:
+            warn(f"{paths[0]} holds only {len(found)} update checkpoint(s); averaging those, not {last}")
         paths = found[-last:]
     averaged = average_checkpoints(paths)
     averaged.save(output)

@@ -9,6 +9,7 @@ truncated file under the real name.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nmt.io import atomic_path
 from nmt.tokenizer import Tokenizer
 
 FORMAT = "nmt-checkpoint"
+ZIP_MAGIC = b"PK\x03\x04"
 FORMAT_VERSION = 2  # 2: RNN embeddings are read through a sqrt(dim) scale; format-1 Transformers are unchanged
 
 
@@ -72,11 +74,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     path = Path(path)
     if not path.is_file():
         raise NmtError(f"{path}: no such checkpoint")
+    with open(path, "rb") as handle:
+        if handle.read(4) != ZIP_MAGIC:  # torch.save writes a zip archive
+            raise NmtError(f"{path}: not an nmt checkpoint (not a file written by nmt train or nmt average)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on damaged bytes; all mean the same here
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NmtError(f"{path}: corrupt or truncated checkpoint ({reason[:120]})") from None
+        raise NmtError(f"{path}: corrupt or truncated checkpoint ({_first_words(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise NmtError(f"{path}: not an nmt checkpoint")
     version = payload.get("version")
@@ -136,3 +140,10 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
         else:
             averaged[key] = value.clone()
     return replace(last, model_state=averaged, train_state=None, metrics={})
+
+
+def _first_words(exc: Exception) -> str:
+    """torch's message, without terminal colour codes, cut at a word: one readable clause."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 100 else first[:100].rsplit(" ", 1)[0] + " ..."

@@ -8,6 +8,7 @@ interrupted run never leaves a file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import select
@@ -21,8 +22,8 @@ from typing import IO
 from nmt.errors import NmtError
 
 
-def check_readable(path: Path, stream_ok: bool = False) -> Path:
-    """Fail early, in one line, on a path that is missing, a directory or empty.
+def check_readable(path: Path, stream_ok: bool = False, empty_ok: bool = False) -> Path:
+    """Fail early, in one line, on a path that is missing, a directory or (unless `empty_ok`) empty.
 
     A pipe can be read only once, so it is refused unless the caller reads it in one pass
     (`stream_ok`); readers that count lines first would see an empty second pass.
@@ -35,7 +36,7 @@ def check_readable(path: Path, stream_ok: bool = False) -> Path:
     if is_stream(path):
         if not stream_ok:
             raise NmtError(f"{path}: is a pipe or device, which is read more than once here; write it to a file first")
-    elif path.stat().st_size == 0:
+    elif path.stat().st_size == 0 and not empty_ok:
         raise NmtError(f"{path}: file is empty")
     return path
 
@@ -60,12 +61,9 @@ def read_lines(path: Path, errors: str = "strict") -> Iterator[str]:
     errors="replace" substitutes U+FFFD instead.
     """
     path = check_readable(Path(path))
-    try:
-        with _open_binary(path) as handle:
-            for number, raw in enumerate(handle, start=1):
-                yield decode_line(raw, number, str(path), errors).rstrip("\r\n")
-    except (gzip.BadGzipFile, EOFError) as exc:
-        raise NmtError(f"{path}: not a valid gzip file ({exc})") from None
+    with _gzip_errors(path), _open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            yield decode_line(raw, number, str(path), errors).rstrip("\r\n")
 
 
 def decode_line(raw: bytes, number: int, name: str, errors: str = "strict", hint: str = "") -> str:
@@ -80,12 +78,23 @@ def count_lines(path: Path) -> int:
     """Count lines quickly (bytes only), for progress bars and alignment checks."""
     path = check_readable(Path(path))
     count = 0
-    with _open_binary(path) as handle:
+    with _gzip_errors(path), _open_binary(path) as handle:
         last = b"\n"
         for block in iter(lambda: handle.read(1 << 20), b""):
             count += block.count(b"\n")
             last = block[-1:]
     return count + (last != b"\n")
+
+
+@contextlib.contextmanager
+def _gzip_errors(path: Path) -> Iterator[None]:
+    """A damaged .gz is one line naming the file (EOFError would reach the CLI as a bare "Aborted!")."""
+    try:
+        yield
+    except EOFError:
+        raise NmtError(f"{path}: truncated gzip file (it ends before its compressed data does)") from None
+    except gzip.BadGzipFile as exc:
+        raise NmtError(f"{path}: not a valid gzip file ({exc})") from None
 
 
 def ensure_writable_dir(directory: Path) -> None:
@@ -95,7 +104,9 @@ def ensure_writable_dir(directory: Path) -> None:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise NmtError(f"{directory}: cannot create directory ({exc.strerror})") from None
-    if not directory.is_dir() or not os.access(directory, os.W_OK):
+    if not directory.is_dir():
+        raise NmtError(f"{directory}: is not a directory")
+    if not os.access(directory, os.W_OK):
         raise NmtError(f"{directory}: directory is not writable")
 
 
@@ -107,27 +118,87 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Give a temporary path beside `path`; rename it onto `path` only on success."""
+    """Give a temporary path beside `path`; rename it onto `path` only on success.
+
+    Only a regular file (or a new one) is replaced so: a FIFO, a device or a terminal is
+    written in place (a rename would swap it for a file its reader never sees), and a
+    symbolic link is followed, so that its target is replaced and the link stays. A full
+    disk or a read-only file system names the file. Temporaries left by killed runs are
+    removed (their names carry the writer's process id).
+    """
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.is_dir():
+        raise NmtError(f"{path}: is a directory, expected a file name")
+    if path.exists() and not path.is_file():
+        with _naming_write_errors(path):
+            yield path
+        return
     ensure_writable_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        with _naming_write_errors(path):
+            yield tmp_path
+            os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO)
+
+
+@contextlib.contextmanager
+def _naming_write_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in WRITE_ERRORS:
+            raise NmtError(f"{path}: cannot write ({exc.strerror})") from None
+        raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `.NAME.PID.*.tmp` beside `path` whose writer no longer runs (killed by SIGKILL, say)."""
+    for candidate in path.parent.glob(f".{_glob_escape(path.name)}.*.tmp"):
+        pid = candidate.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_output_dir(path: Path, overwrite: bool = False) -> Path:
+    """The checks `atomic_dir` makes, for commands that should fail before their long work, not after."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
+    if path.exists() and not path.is_dir():
+        raise NmtError(f"{path}: is a file, expected a directory")
+    ensure_writable_dir(path.parent)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """Give a temporary directory beside `path`; move it onto `path` only on success."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
-    ensure_writable_dir(path.parent)
+    path = check_output_dir(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:

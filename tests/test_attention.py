@@ -87,3 +87,16 @@ def test_weights_are_those_the_decoder_used_while_searching(joint_spm: Path) -> 
             tokens.append(int(token))
     weights, _ = cross_attention(model, [source], [tokens])[0]
     torch.testing.assert_close(weights, torch.stack(seen, dim=1), rtol=0, atol=1e-6)
+
+
+def test_attention_checks_its_output_before_translating(copy_model: Path, tmp_path: Path) -> None:
+    """An existing -o fails at once, not after the translation (which a missing input would make fail first)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "att").mkdir()
+    result = CliRunner().invoke(app, ["attention", "-m", str(copy_model), "-i", str(tmp_path / "missing.txt"),
+                                      "-o", str(tmp_path / "att"), "--no-png", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'att'}: already exists (use --overwrite to replace it)"

@@ -115,6 +115,23 @@ def test_as_a_subprocess_errors_have_no_traceback(tmp_path: Path, joint_spm: Pat
                                      "the files are not aligned")
 
 
+@pytest.mark.parametrize(("damage", "message"), [
+    ("truncated", "a.en.gz: truncated gzip file (it ends before its compressed data does)"),
+    ("not gzip", "a.en.gz: not a valid gzip file (Not a gzipped file (b'a\\n'))"),
+])
+def test_a_damaged_gzip_is_named(tmp_path: Path, joint_spm: Path, damage: str, message: str) -> None:
+    """Not Click's bare "Aborted!" (an EOFError), and not gzip's message without the file."""
+    import gzip
+
+    whole = gzip.compress(b"a man runs\n" * 2000)
+    (tmp_path / "a.en.gz").write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"a\nb\n")
+    (tmp_path / "a.de").write_text("ein mann\n" * 2000)
+    result = runner.invoke(app, ["prepare", "--train-src", str(tmp_path / "a.en.gz"), "--train-tgt", str(tmp_path / "a.de"),
+                                 "--tokenizer", str(joint_spm), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: {tmp_path / message}", result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_multi30k(multi30k: Path, tmp_path: Path) -> None:
     out = tmp_path / "multi30k"
     result = runner.invoke(app, [

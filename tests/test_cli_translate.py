@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import select
+import signal
+import stat
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,12 +167,24 @@ def test_invalid_utf8_stops_or_is_replaced(copy_model: Path, tmp_path: Path) -> 
         (["-m", "{model}", "--batch-tokens", "0"], "--batch-tokens must be positive"),
         (["-m", "{model}", "-i", "{missing}"], "{missing}: no such file"),
         (["-m", "{model}", "--length-penalty", "cubic"], "unknown length penalty 'cubic'"),
+        (["-m", "{model}", "--beam", "2", "--alpha", "nan"], "alpha (the length penalty exponent) must be a finite number >= 0, got nan"),
+        (["-m", "{model}", "--alpha", "-1"], "alpha (the length penalty exponent) must be a finite number >= 0, got -1.0"),
+        (["-m", "{model}", "--sample", "--temperature", "inf"], "sampling temperature must be a finite positive number, got inf"),
+        (["-m", "{model}", "--sample", "--temperature", "nan"], "sampling temperature must be a finite positive number, got nan"),
+        (["-m", "{model}", "--max-len-b", "-5"], "max-len-a and max-len-b must be >= 0"),
+        (["-m", "{model}", "--max-len-a", "-1"], "max-len-a and max-len-b must be >= 0"),
+        (["-m", "{model}", "--min-len", "-1"], "min-len must be >= 0, got -1"),
+        (["-m", "{text}"], "{text}: not an nmt checkpoint (not a file written by nmt train or nmt average)"),
+        (["-m", "{model}", "-i", "{text}", "-o", "{dir}"], "{dir}: is a directory, expected a file name"),
     ],
 )
 def test_errors_are_one_line(copy_model: Path, tmp_path: Path, args: list[str], message: str) -> None:
     payload = torch.load(copy_model, weights_only=True)
     torch.save({**payload, "version": 99}, tmp_path / "future.pt")
-    names = {"missing": str(tmp_path / "missing.pt"), "future": str(tmp_path / "future.pt"), "model": str(copy_model)}
+    (tmp_path / "text.txt").write_text("a man\n")
+    (tmp_path / "dir").mkdir()
+    names = {"missing": str(tmp_path / "missing.pt"), "future": str(tmp_path / "future.pt"), "model": str(copy_model),
+             "text": str(tmp_path / "text.txt"), "dir": str(tmp_path / "dir")}
     result = runner.invoke(app, ["translate", *CPU, *(a.format(**names) for a in args)], input="a man\n")  # args win
     assert_one_line_error(result.exit_code, result.stderr, message.format(**names))
     assert isinstance(result.exception, SystemExit) and result.stdout == ""
@@ -239,3 +254,52 @@ def test_average_errors(copy_model: Path, gru_checkpoint: Path, copy_run: Path, 
     result = runner.invoke(app, ["average", *(a.format(**names) for a in args), "-o", str(tmp_path / "avg.pt")])
     assert_one_line_error(result.exit_code, result.stderr, message.format(**names))
     assert not (tmp_path / "avg.pt").exists()
+
+
+def test_output_to_a_fifo_a_symlink_and_an_empty_input(copy_model: Path, tmp_path: Path) -> None:
+    """-o is renamed into place only when it is a regular file: a FIFO's reader gets the lines, a link stays a link."""
+    source = tmp_path / "in.txt"
+    source.write_text(f"{SOURCES[0]}\n{GERMAN}\n", encoding="utf-8")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE) as reader:
+        result = nmt("translate", "-m", str(copy_model), "-i", str(source), "-o", str(fifo), *CPU)
+        assert result.returncode == 0, result.stderr.decode()
+        assert reader.communicate(timeout=60)[0].decode() == f"{SOURCES[0]}\n{GERMAN}\n"
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    target, link = tmp_path / "target.txt", tmp_path / "link.txt"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    result = nmt("translate", "-m", str(copy_model), "-i", str(source), "-o", str(link), *CPU)
+    assert result.returncode == 0, result.stderr.decode()
+    assert link.is_symlink() and target.read_text(encoding="utf-8") == f"{SOURCES[0]}\n{GERMAN}\n"
+    empty, out = tmp_path / "empty.txt", tmp_path / "out.txt"
+    empty.write_bytes(b"")
+    result = nmt("translate", "-m", str(copy_model), "-i", str(empty), "-o", str(out), *CPU)
+    assert result.returncode == 0, result.stderr.decode()
+    assert out.read_bytes() == b""  # as empty stdin gives empty stdout
+
+
+def test_sigterm_during_translation_leaves_no_temporary_and_stale_ones_go(copy_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    stale = tmp_path / f".out.txt.{2**22 + 12345}.abcd.tmp"  # a pid above Linux's limit: its writer is gone
+    stale.write_text("left by a killed run")
+    exe = Path(sys.executable).with_name("nmt")
+    with subprocess.Popen([str(exe), "translate", "-m", str(copy_model), "-i", "/dev/stdin", "-o", str(out), *CPU],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stdin.write(f"{SOURCES[0]}\n".encode())
+        proc.stdin.flush()
+        deadline = time.time() + 120  # the first line translated: the temporary file holds it
+        while time.time() < deadline and not any(p.stat().st_size for p in tmp_path.glob(f".out.txt.{proc.pid}.*.tmp")):
+            time.sleep(0.05)
+        assert not stale.exists()  # removed when the new run opened its own temporary
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.decode().strip() == "error: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary
+
+
+def test_average_warns_when_fewer_checkpoints_than_asked(copy_run: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["average", str(copy_run), "--last", "10", "-o", str(tmp_path / "avg.pt")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {copy_run} holds only 2 update checkpoint(s); averaging those, not 10" in result.stderr
