@@ -16,9 +16,10 @@ import torch
 import torch.multiprocessing as mp
 
 from nmt.checkpoint import load_checkpoint
-from nmt.config import Config, merge, parse_overrides
+from nmt.config import Config, merge, parse_overrides, resolve
 from nmt.errors import NmtError
-from nmt.train import Trainer, latest_checkpoint
+from nmt.plot import read_metrics
+from nmt.train import RunDirectory, SilentMonitor, Trainer, latest_checkpoint
 from nmt.translate import Translator
 from tests.conftest import TINY_TRANSFORMER
 
@@ -156,7 +157,7 @@ def test_cli_end_to_end_and_corrupt_checkpoint(toy_data: Path, tmp_path: Path) -
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     assert "Training" in stdout and "max updates" in stdout
-    translator = Translator.load(run / "update_00000003.pt", device="cpu", precision="fp32")
+    translator = Translator.from_checkpoint(run / "update_00000003.pt", device="cpu", precision="fp32")
     assert len(translator.translate(["a man runs", ""])) == 2
     again = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "3")
     _, stderr = again.communicate(timeout=120)
@@ -178,3 +179,135 @@ def test_convergence_the_tiny_models_learn_the_toy_mapping(tiny_models: dict[str
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 200
     assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
+
+
+NO_BLEU = ["train.valid_bleu=false", "train.best_metric=loss"]
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_api_and_cli_resolve_and_train_alike(toy_data: Path, tmp_path: Path) -> None:
+    """`nmt train` is config.resolve + Trainer: the same options give the same config and the same run."""
+    options = [*TINY_TRANSFORMER, *NO_BLEU, "train.valid_every=0", f'train.data="{toy_data}"']
+    proc = _nmt("train", "--run-dir", str(tmp_path / "cli"), "--max-updates", "2", *[a for o in options for a in ("--set", o)])
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the CLI's tune_cpu applied for train.threads=1
+    try:
+        Trainer(resolve(overrides=[*options, f'train.run_dir="{tmp_path / "api"}"', "train.max_updates=2"])).train()
+    finally:
+        torch.set_num_threads(threads)
+    toml = {name: (tmp_path / name / "config.toml").read_text().replace(str(tmp_path / name), "RUN") for name in ("cli", "api")}
+    assert toml["cli"] == toml["api"]
+    assert [r["loss"] for r in train_records(tmp_path / "cli")] == [r["loss"] for r in train_records(tmp_path / "api")]
+
+
+def test_a_run_resumed_at_its_limit_does_no_update(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_config(toy_data, run, "train.max_updates=3", "train.valid_every=0", *NO_BLEU)).train()
+    before = (run / "update_00000003.pt").read_bytes()
+    result = Trainer(make_config(toy_data, run, "train.max_updates=3", *NO_BLEU), resume=True).train()
+    assert (result.updates, result.stop_reason, result.last_checkpoint) == (3, "max_updates", run / "update_00000003.pt")
+    assert sorted(p.name for p in run.glob("update_*.pt")) == ["update_00000003.pt"]
+    assert (run / "update_00000003.pt").read_bytes() == before
+    assert [r["update"] for r in train_records(run)] == [1, 2, 3]
+    with pytest.raises(NmtError, match="train.max_updates must be at least 0, got -1"):
+        Trainer(make_config(toy_data, tmp_path / "negative", "train.max_updates=-1"))
+
+
+def test_a_new_run_refuses_a_directory_with_checkpoints_or_in_use(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_config(toy_data, run, "train.max_updates=1", *NO_BLEU)).train()
+    with pytest.raises(NmtError, match="already holds checkpoints: use --resume"):
+        Trainer(make_config(toy_data, run, "train.max_updates=2", *NO_BLEU))
+    with RunDirectory(run).lock():
+        with pytest.raises(NmtError, match=f"another training is using this run directory \\(pid {os.getpid()} "):
+            Trainer(make_config(toy_data, run, "train.max_updates=2", *NO_BLEU), resume=True)
+    assert load_checkpoint(run / "update_00000001.pt").train_state["progress"]["update"] == 1
+
+
+def test_resume_after_a_partial_metrics_line(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_config(toy_data, run, "train.max_updates=2", *NO_BLEU)).train()
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "update": 3, "lo')  # killed mid-write
+    Trainer(make_config(toy_data, run, "train.max_updates=3", *NO_BLEU), resume=True).train()
+    assert [r["update"] for r in train_records(run)] == [1, 2, 3]
+    assert read_metrics(run).series[("train", "loss")][0] == [1, 2, 3]
+
+
+def test_a_failed_resume_leaves_the_stored_config_alone(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    Trainer(make_config(toy_data, run, "train.max_updates=2", "train.valid_every=0", *NO_BLEU)).train()
+    stored = (run / "config.toml").read_text()
+    resumed = resolve(overrides=[f'train.run_dir="{run}"', "train.lr=1e9", "train.max_updates=20"], resume=True)
+    with pytest.raises(NmtError, match=r"loss became (nan|-?inf) at update \d+; stopped without saving"):
+        Trainer(resumed, resume=True).train()
+    assert (run / "config.toml").read_text() == stored
+    Trainer(resolve(overrides=[f'train.run_dir="{run}"', "train.max_updates=3"], resume=True), resume=True).train()
+    assert "max_updates = 3\n" in (run / "config.toml").read_text()  # backed by update_00000003.pt
+
+
+def test_data_errors_say_what_the_path_is(toy_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(NmtError, match=r"meta.json: is a file, not a directory written by `nmt prepare`$"):
+        Trainer(make_config(toy_data / "meta.json", tmp_path / "a"))
+    monkeypatch.chdir(toy_data.parent)
+    run = tmp_path / "run"
+    Trainer(make_config(Path(toy_data.name), run, "train.max_updates=1", *NO_BLEU)).train()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NmtError, match=rf"^{toy_data.name}: no such data directory \(the resumed run's train.data.*pass --data DIR"):
+        Trainer(resolve(overrides=[f'train.run_dir="{run}"', "train.max_updates=2"], resume=True), resume=True)
+
+
+class RecordingMonitor(SilentMonitor):
+    def __init__(self) -> None:
+        self.tasks: list[list] = []
+        self.validations: list[dict] = []
+
+    def validated(self, record: dict) -> None:
+        self.validations.append(record)
+
+    def task(self, description: str, total: float | None = None, unit: str = "lines"):
+        entry = [description, total, unit, 0]
+        self.tasks.append(entry)
+        return lambda amount: entry.__setitem__(3, entry[3] + amount)
+
+
+def test_validation_shows_progress_and_its_time_is_kept_apart(toy_data: Path, tmp_path: Path) -> None:
+    monitor = RecordingMonitor()
+    result = Trainer(make_config(toy_data, tmp_path / "run", "train.max_updates=4", "train.valid_every=2",
+                                 "train.valid_max_sentences=6"), monitor=monitor).train()
+    assert monitor.tasks == [["validation BLEU", 6, "sentences", 6]] * 2
+    assert [(v["update"], v["bleu_sentences"]) for v in monitor.validations] == [(2, 6), (4, 6)]
+    assert 0 < result.validation_seconds < result.seconds
+    assert result.tokens_per_second == result.target_tokens / (result.seconds - result.validation_seconds)
+    state = load_checkpoint(result.last_checkpoint).train_state["progress"]
+    assert 0 < state["validation_seconds"] < state["elapsed"]
+
+
+def test_sigterm_saves_and_a_second_training_is_refused(toy_data: Path, tmp_path: Path) -> None:
+    """Two trainings in one run directory: the second fails at once naming the first; SIGTERM then
+    stops the first as Ctrl-C does (save, exit), with 143 = 128 + SIGTERM."""
+    run = tmp_path / "run"
+    first = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "100000",
+                 *_overrides([*NO_BLEU, "train.valid_every=0"]))
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    second = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "5",
+                  *_overrides([*NO_BLEU, "train.seed=7"]))
+    _, stderr = second.communicate(timeout=120)
+    assert second.returncode == 1
+    assert stderr.startswith(f"error: {run}: another training is using this run directory (pid {first.pid} on ")
+    assert stderr.count("\n") == 1
+    first.send_signal(signal.SIGTERM)
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated" in stdout
+    last = latest_checkpoint(run)
+    assert last is not None and load_checkpoint(last).train_state["progress"]["update"] >= 3
+    assert load_checkpoint(last).config.train.seed == 1
