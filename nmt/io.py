@@ -163,11 +163,14 @@ def _naming_write_errors(path: Path) -> Iterator[None]:
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Delete `.NAME.PID.*.tmp` beside `path` whose writer no longer runs (killed by SIGKILL, say)."""
+    """Delete `.NAME.PID.*.tmp` files or folders beside `path` whose writer no longer runs (killed by SIGKILL, say)."""
     for candidate in path.parent.glob(f".{_glob_escape(path.name)}.*.tmp"):
         pid = candidate.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
-            candidate.unlink(missing_ok=True)
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
 
 
 def _glob_escape(name: str) -> str:
@@ -197,9 +200,10 @@ def check_output_dir(path: Path, overwrite: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Give a temporary directory beside `path`; move it onto `path` only on success."""
+    """Give a temporary directory beside `path`; move it onto `path` only on success (stale ones go, as in atomic_path)."""
     path = check_output_dir(path, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
