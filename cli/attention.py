@@ -12,8 +12,8 @@ from cli.common import console, handle_errors, reporting, summary_table
 from cli.translate import build_translator
 from nmt.attention import attention_maps
 from nmt.errors import NmtError
-from nmt.plot import figure_class, write_attention
 from nmt.io import LineStream, check_output_dir, read_lines
+from nmt.plot import figure_class, write_attention
 
 
 def _read_inputs(input: Path | None) -> list[str]:

@@ -14,7 +14,6 @@ from rich.text import Text
 from cli.common import console, handle_errors, reporting
 from cli.translate import DecodingOptions, results_with_warnings, with_decoding_options
 from nmt.errors import NmtError
-from nmt.io import atomic_path
 from nmt.evaluate import (
     AR_TRIALS,
     BOOTSTRAP_SAMPLES,
@@ -27,15 +26,16 @@ from nmt.evaluate import (
     SentenceScore,
     check_aligned,
     check_tokenizer,
-    moses_tokenize,
     compare,
     corpus_scores,
+    moses_tokenize,
     parse_metrics,
     read_stream,
     read_text,
     sentence_scores,
     worst,
 )
+from nmt.io import atomic_path
 
 STDIN = "<stdin>"
 

@@ -6,7 +6,7 @@ The public API: `Translator` (text in, text out with one checkpoint file) and
 
 __version__ = "0.1.0"
 
-from nmt.checkpoint import load_checkpoint  # noqa: E402
-from nmt.translate import Translator  # noqa: E402
+from nmt.checkpoint import load_checkpoint
+from nmt.translate import Translator
 
 __all__ = ["Translator", "__version__", "load_checkpoint"]

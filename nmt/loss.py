@@ -21,7 +21,6 @@ from torch.autograd.function import once_differentiable
 
 from nmt.tokenizer import PAD_ID
 
-
 ROWS_PER_CHUNK = 512  # 512 rows × an 8k vocabulary = 16 MB of logits, while the projection stays efficient
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import re
 import time
 import unicodedata
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -17,10 +17,10 @@ from tests.copy_model import copy_config
 CPU = torch.device("cpu")
 
 
-def timings(fp32: float, bf16: float):  # noqa: ANN201
+def timings(fp32: float, bf16: float):
     calls: list[list[tuple[int, int, int]]] = []
 
-    def measure(shapes):  # noqa: ANN001, ANN202
+    def measure(shapes):
         calls.append(list(shapes))
         return {"fp32": fp32, "bf16": bf16}
 

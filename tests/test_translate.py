@@ -155,7 +155,7 @@ def test_line_breaks_never_reach_a_translation(joint_spm: Path, monkeypatch: pyt
     ids = [newline, carriage_return, *ein, newline, *hund, EOS_ID]
     assert tr.tgt_tokenizer.decode(ids).count("\n") == 2
 
-    def scripted(model, sources, decode, batch_tokens, device):  # noqa: ANN001, ANN202
+    def scripted(model, sources, decode, batch_tokens, device):
         return [[Hypothesis(ids, -1.0, -1.0)] for _ in sources]
 
     monkeypatch.setattr(nmt.translate, "translate_ids", scripted)
@@ -188,7 +188,7 @@ def test_translate_lines_streams_results_in_order_with_line_numbers(copy_model: 
     tr = Translator(load_checkpoint(copy_model), device="cpu", precision="fp32", buffer_lines=3)
     consumed: list[str] = []
 
-    def lines():  # noqa: ANN202
+    def lines():
         for text in [SOURCES[0], "", *SOURCES[1:5]]:
             consumed.append(text)
             yield text
