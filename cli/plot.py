@@ -13,7 +13,8 @@ from nmt.plot import read_metrics, run_labels, training_curves
 
 @handle_errors
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories (holding metrics.jsonl) or metrics files, compared on one figure.", show_default=False)],
+    runs: Annotated[list[Path], typer.Argument(
+        help="Run directories (holding metrics.jsonl) or metrics files, compared on one figure.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("curves.png"),
 ) -> None:
     """Draw training and validation loss, validation BLEU and learning rate against updates."""

@@ -14,7 +14,7 @@ from cli.common import console, err_console, handle_errors, human, summary_table
 from nmt.config import resolve, to_toml
 from nmt.device import tune_cpu
 from nmt.progress import Advance
-from nmt.train import Trainer
+from nmt.train import Trainer, TrainResult
 
 SIGNAL_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT, 128 + SIGTERM, as shells report them
 
@@ -40,8 +40,8 @@ class RichMonitor:
         err_console.print(to_toml(info["config"]), highlight=False, markup=False)
         err_console.print(
             f"{info['parameters']:,} parameters on {info['device']} ({info['threads']} threads, "
-            f"{info['world_size']} process(es)); precision {info['precision']}; {info['train_examples']:,} training pairs, "
-            f"{info['batches_per_epoch']:,} batches per epoch",
+            f"{info['world_size']} process(es)); precision {info['precision']}; "
+            f"{info['train_examples']:,} training pairs, {info['batches_per_epoch']:,} batches per epoch",
             highlight=False,
         )
         cfg = info["config"].train
@@ -54,7 +54,8 @@ class RichMonitor:
     def logged(self, record: dict[str, Any]) -> None:
         stats = (f"loss {record['loss']:.3f} ppl {record['ppl']:.2f} lr {record['lr']:.2e} "
                  f"{human(record['tokens_per_s'])} tok/s")
-        self.progress.update(self.train_task, completed=record["update"], description=f"epoch {record['epoch']}", stats=stats)
+        self.progress.update(self.train_task, completed=record["update"], description=f"epoch {record['epoch']}",
+                             stats=stats)
         if not self.progress.live.is_started or self.progress.disable:
             err_console.print(f"update {record['update']} epoch {record['epoch']} {stats}", highlight=False)
 
@@ -91,17 +92,26 @@ class RichMonitor:
 
 @handle_errors
 def train(
-    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="TOML config with [model], [train] and [decode] tables.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Prepared data directory (from `nmt prepare`); sets train.data.")] = None,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="TOML config with [model], [train] and [decode] tables.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Prepared data directory (from `nmt prepare`); sets train.data.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and metrics go; sets train.run_dir.")] = None,
     model: Annotated[str | None, typer.Option(help="Start from the defaults of transformer, lstm, gru or rnn.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override any option: section.key=value, e.g. train.lr=0.001 (repeatable).")] = None,
-    max_updates: Annotated[int | None, typer.Option(help="Stop after this many updates; sets train.max_updates.")] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Stop after this much training time; sets train.max_minutes.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Override any option: section.key=value, e.g. train.lr=0.001 (repeatable).")] = None,
+    max_updates: Annotated[int | None, typer.Option(
+        help="Stop after this many updates; sets train.max_updates.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        help="Stop after this many minutes, validation included; sets train.max_minutes.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; sets train.device.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16; sets train.precision.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or train.run_dir) from its latest checkpoint, exactly.")] = False,
-    reset: Annotated[list[str] | None, typer.Option("--reset", help="With --resume: start afresh the optimizer, the scheduler's plateau state or the best score (repeatable).")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in --run-dir (or train.run_dir) from its latest checkpoint, exactly.",
+    )] = False,
+    reset: Annotated[list[str] | None, typer.Option(
+        "--reset", help="With --resume: start afresh the optimizer, the scheduler's plateau state or the best score "
+        "(repeatable).")] = None,
 ) -> None:
     """Train a Transformer or LSTM/GRU/RNN model; resumable, with validation BLEU and checkpoints."""
     sets = list(overrides or [])
@@ -119,6 +129,12 @@ def train(
         monitor.stop()
     if not trainer.dist.is_main:
         return
+    console.print(summary_table("Training", _summary(result, config.train.best_metric)))
+    if result.stop_reason in SIGNAL_EXIT_CODES:
+        raise typer.Exit(SIGNAL_EXIT_CODES[result.stop_reason])
+
+
+def _summary(result: TrainResult, best_metric: str) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = [
         ("stopped because", result.stop_reason.replace("_", " ")),
         ("updates", result.updates),
@@ -132,13 +148,11 @@ def train(
             if key in result.last_validation:
                 rows.append((f"last valid {key}", f"{result.last_validation[key]:.2f}"))
     if result.best is not None:
-        rows.append((f"best valid {config.train.best_metric}", f"{result.best:.2f}"))
+        rows.append((f"best valid {best_metric}", f"{result.best:.2f}"))
     rows.append(("last checkpoint", str(result.last_checkpoint)))
     if result.best_checkpoint:
         rows.append(("best checkpoint", str(result.best_checkpoint)))
-    console.print(summary_table("Training", rows))
-    if result.stop_reason in SIGNAL_EXIT_CODES:
-        raise typer.Exit(SIGNAL_EXIT_CODES[result.stop_reason])
+    return rows
 
 
 def _literal(value: object) -> str:

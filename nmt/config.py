@@ -83,7 +83,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl and the resolved config go here
     seed: int = 1
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
-    threads: int = 0  # CPU threads for torch; 0 = all cores (nmt train applies it; Python users call nmt.device.tune_cpu)
+    threads: int = 0  # CPU threads for torch, 0 = all cores: `nmt train` applies it (the API: nmt.device.tune_cpu)
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (fp16 on CUDA only, with loss scaling)
     max_tokens: int = 4096  # padded tokens per batch and per process (see TokenBatchSampler)
     accum_steps: int = 1  # batches accumulated into one update
@@ -125,7 +125,8 @@ RNN_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"arch": "rnn", "dropout": 0.3, "enc_layers": 2, "dec_layers": 2},
     "train": {"lr": 1e-3, "scheduler": "plateau", "warmup": 0, "clip_norm": 1.0},
 }
-ARCH_ALIASES = {"transformer": ("transformer", None), "lstm": ("rnn", "lstm"), "gru": ("rnn", "gru"), "rnn": ("rnn", "rnn")}
+ARCH_ALIASES = {"transformer": ("transformer", None), "lstm": ("rnn", "lstm"), "gru": ("rnn", "gru"),
+                "rnn": ("rnn", "rnn")}
 
 
 def defaults_for(model: str) -> dict[str, dict[str, Any]]:
@@ -248,7 +249,8 @@ def resolve(config_file: Path | None = None, model: str | None = None, overrides
     sets = parse_overrides(list(overrides))
     if resume:
         if config_file is not None or model is not None:
-            raise NmtError("a resumed run continues with its stored config: drop --config/--model (use --set for limits)")
+            raise NmtError("a resumed run continues with its stored config: "
+                           "drop --config/--model (use --set for limits)")
         config = _stored_config(Path(merge(Config(), sets).train.run_dir))
     else:
         config = Config()
@@ -274,7 +276,8 @@ def validate(config: Config) -> None:
     """Check every training option once, before any work; one NmtError line names the first bad one."""
     train = config.train
     if not train.data:
-        raise NmtError("no training data: set train.data (nmt train --data DIR) to a directory written by `nmt prepare`")
+        raise NmtError("no training data: set train.data (nmt train --data DIR) "
+                       "to a directory written by `nmt prepare`")
     _check_choice("train.optimizer", train.optimizer, OPTIMIZERS)
     _check_choice("train.scheduler", train.scheduler, SCHEDULERS)
     _check_choice("train.best_metric", train.best_metric, tuple(HIGHER_IS_BETTER))

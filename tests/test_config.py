@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from nmt.config import Config, defaults_for, from_dict, load_config, merge, parse_overrides, resolve, to_dict, to_toml, validate
+from nmt.config import (Config, defaults_for, from_dict, load_config, merge, parse_overrides, resolve, to_dict, to_toml,
+                        validate)
 from nmt.errors import NmtError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "multi30k"
@@ -83,7 +84,7 @@ def train_config(*items: str) -> Config:
         (["train.precision=fp8"], r"^unknown train.precision 'fp8'; choose one of auto, fp32, bf16, fp16$"),
         (["train.valid_bleu=false"], r"^best_metric bleu needs train.valid_bleu = true$"),
         (["train.scheduler=noam", "train.warmup=0"], r"^scheduler noam needs train.warmup > 0$"),
-        (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine needs train.max_updates .* above train.warmup$"),
+        (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine needs train.max_updates .* train.warmup$"),
     ],
 )
 def test_validate_rejects_bad_training_options(items: list[str], message: str) -> None:

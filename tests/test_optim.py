@@ -53,7 +53,8 @@ def test_plateau_decays_after_patience_and_respects_floor() -> None:
 
 def test_improvement_counts_validations_since_the_best() -> None:
     tracker = Improvement()
-    assert [tracker.observe(score, higher_is_better=False) for score in (3.0, 2.0, 2.5, 2.0, 1.0)] == [True, True, False, False, True]
+    scores = (3.0, 2.0, 2.5, 2.0, 1.0)
+    assert [tracker.observe(score, higher_is_better=False) for score in scores] == [True, True, False, False, True]
     assert tracker == Improvement(best=1.0, bad_validations=0)
     tracker.observe(4.0, higher_is_better=False)
     assert Improvement.from_state_dict(tracker.state_dict()) == Improvement(best=1.0, bad_validations=1)

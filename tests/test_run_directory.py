@@ -44,7 +44,8 @@ def test_save_rotates_writes_best_and_then_the_config(tmp_path: Path) -> None:
     assert [p.name for p in update_checkpoints(run.path)] == ["update_00000002.pt", "update_00000003.pt"]
     assert run.best_path.read_bytes() == b"state 2"
     assert run.config_path.read_text() == "# config 3\n"
-    assert sorted(p.name for p in run.path.iterdir()) == ["best.pt", "config.toml", "update_00000002.pt", "update_00000003.pt"]
+    names = sorted(p.name for p in run.path.iterdir())
+    assert names == ["best.pt", "config.toml", "update_00000002.pt", "update_00000003.pt"]
 
 
 def test_a_new_run_refuses_another_runs_checkpoints(tmp_path: Path) -> None:

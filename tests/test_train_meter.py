@@ -26,8 +26,8 @@ def test_rates_exclude_validation_and_windows_restart() -> None:
     meter.exclude(6.0)  # a validation of 6 s inside this 10 s window
     clock.now += 6.0
     record = meter.record(update=7, epoch=2, lr=0.5)
-    assert record == {"kind": "train", "update": 7, "epoch": 2, "loss": 5.0, "nll": 2.5, "ppl": pytest.approx(math.exp(2.5)),
-                      "lr": 0.5, "tokens_per_s": 5.0, "elapsed": 40.0}
+    assert record == {"kind": "train", "update": 7, "epoch": 2, "loss": 5.0, "nll": 2.5,
+                      "ppl": pytest.approx(math.exp(2.5)), "lr": 0.5, "tokens_per_s": 5.0, "elapsed": 40.0}
     assert meter.elapsed() == 40.0 and meter.validation_seconds == 11.0 and meter.training_seconds() == 29.0
     meter.add(loss=1.0, nll=1.0, tokens=8)
     clock.now += 2.0

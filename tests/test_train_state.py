@@ -26,6 +26,14 @@ def test_progress_state_is_flat_and_reads_earlier_checkpoints() -> None:
     assert Progress.from_state_dict(state, reset_best=True).improvement == Improvement()
 
 
+def test_a_finished_epoch_is_skipped() -> None:
+    progress = Progress(update=9, epoch=2, position=5)
+    progress.skip_finished_epoch(6)
+    assert (progress.epoch, progress.position) == (2, 5)
+    progress.skip_finished_epoch(5)  # saved by an earlier version after the epoch's last update
+    assert (progress.epoch, progress.position, progress.update) == (3, 0, 9)
+
+
 @pytest.mark.parametrize(("limits", "update", "epoch", "out_of_time", "reason"), [
     ({}, 10**6, 10**3, False, ""),
     ({"max_updates": 5}, 4, 1, False, ""),

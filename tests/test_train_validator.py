@@ -42,8 +42,9 @@ def model_and_data(toy_data: Path) -> tuple[torch.nn.Module, PreparedData]:
 
 
 def make_validator(data: PreparedData, max_sentences: int, bleu: bool = True) -> Validator:
-    return Validator(data.split("valid"), data.tgt_tokenizer, DecodeConfig(), batch_tokens=600, max_sentences=max_sentences,
-                     bleu=bleu, label_smoothing=0.1, device=torch.device("cpu"), amp_dtype=None)
+    return Validator(data.split("valid"), data.tgt_tokenizer, DecodeConfig(), batch_tokens=600,
+                     max_sentences=max_sentences, bleu=bleu, label_smoothing=0.1, device=torch.device("cpu"),
+                     amp_dtype=None)
 
 
 def test_validation_search_is_greedy_with_a_tighter_length_limit() -> None:

@@ -33,7 +33,8 @@ class MetricsLog:
             self._board = _summary_writer(self.tensorboard_dir) if self.tensorboard_dir is not None else None
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None

@@ -4,6 +4,7 @@
     RUN_DIR/best.pt              the best validation so far
     RUN_DIR/config.toml          the resolved config of the latest checkpoint
     RUN_DIR/metrics.jsonl        every log line and validation (nmt.train.metrics_log)
+    RUN_DIR/tensorboard/         the same numbers for TensorBoard, when it is installed
     RUN_DIR/train.lock           who trains here now: pid, host and start time
 
 One training at a time: the lock is an OS-level `flock`, so a crashed process holds it no
@@ -28,6 +29,7 @@ from nmt.io import atomic_path, ensure_writable_dir
 BEST = "best.pt"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 LOCK = "train.lock"
 _UPDATE = re.compile(r"update_(\d+)\.pt")
 
@@ -72,8 +74,9 @@ class RunDirectory:
         return self.path / CONFIG
 
     @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
+    def log_paths(self) -> tuple[Path, Path]:
+        """metrics.jsonl and the TensorBoard folder."""
+        return self.path / METRICS, self.path / TENSORBOARD
 
     def update_path(self, update: int) -> Path:
         return self.path / update_checkpoint_name(update)
@@ -118,7 +121,8 @@ class RunDirectory:
                                "wait for it to end or use another --run-dir") from None
             started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
             yield
         finally:
             os.close(fd)  # releases the lock

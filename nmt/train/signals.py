@@ -34,7 +34,8 @@ class StopSignals:
             self._previous.clear()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
         for number, previous in self._previous.items():
             signal.signal(number, previous)
         self._previous.clear()

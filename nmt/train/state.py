@@ -47,6 +47,11 @@ class Progress:
         plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "improvement"}
         return {**plain, **self.improvement.state_dict()}
 
+    def skip_finished_epoch(self, batches: int) -> None:
+        """Start the next epoch if all `batches` of this one are done (earlier versions saved such states)."""
+        if self.position >= batches:
+            self.epoch, self.position = self.epoch + 1, 0
+
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], reset_best: bool = False) -> Progress:
         """The saved progress; with `reset_best`, best score and patience count start afresh."""
@@ -91,7 +96,8 @@ def check_reset(reset: Sequence[str], resume: bool) -> None:
         raise NmtError("--reset only makes sense with --resume")
 
 
-def load_resumable(run_dir: RunDirectory, data: PreparedData, config: Config, processes: int) -> tuple[Path, Checkpoint]:
+def load_resumable(run_dir: RunDirectory, data: PreparedData, config: Config,
+                   processes: int) -> tuple[Path, Checkpoint]:
     """The latest checkpoint of `run_dir`, refused if continuing it with `config` would not be the same run."""
     path = run_dir.latest()
     if path is None:
@@ -103,13 +109,15 @@ def load_resumable(run_dir: RunDirectory, data: PreparedData, config: Config, pr
         raise NmtError(f"{path}: was trained with another tokenizer than the data in {config.train.data}")
     old, new = vars(ckpt.config.model), vars(config.model)
     changed = [f"model.{k} ({old[k]} -> {new[k]})" for k in old if old[k] != new[k]]
-    changed += [f"train.{k} ({getattr(ckpt.config.train, k)} -> {getattr(config.train, k)})"
-                for k in ("seed", "max_tokens", "accum_steps") if getattr(ckpt.config.train, k) != getattr(config.train, k)]
+    old_train, new_train = vars(ckpt.config.train), vars(config.train)
+    changed += [f"train.{k} ({old_train[k]} -> {new_train[k]})"
+                for k in ("seed", "max_tokens", "accum_steps") if old_train[k] != new_train[k]]
     saved_processes = len(ckpt.train_state["rng"])
     if saved_processes != processes:
         changed.append(f"processes ({saved_processes} -> {processes})")
     if changed:
-        raise NmtError(f"{path}: cannot resume with changed {', '.join(changed)}: the model or the batch order would differ")
+        raise NmtError(f"{path}: cannot resume with changed {', '.join(changed)}: "
+                       "the model or the batch order would differ")
     return path, ckpt
 
 

@@ -75,7 +75,8 @@ class UpdateStep:
         if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:  # the same decision on every rank
             raise NmtError(
                 f"loss became {loss_sum} at update {update}; stopped without saving, "
-                f"the last good checkpoint is {self.run_dir.latest() or 'none'} (try a lower train.lr or longer train.warmup)"
+                f"the last good checkpoint is {self.run_dir.latest() or 'none'} "
+                "(try a lower train.lr or longer train.warmup)"
             )
         self._step(update)
         return loss_sum, nll_sum, total_tokens

@@ -38,7 +38,7 @@ TIMED_ROWS = 1024  # rows of the matrix products timed for precision="auto" (at 
 
 
 class Trainer:
-    """Trains one model on one prepared dataset, as described by a `Config` (validated here; the caller's is not changed)."""
+    """Trains one model on one prepared dataset as a `Config` describes (validated here, copied, never changed)."""
 
     def __init__(self, config: Config, monitor: Monitor | None = None, resume: bool = False,
                  reset: tuple[str, ...] = ()) -> None:
@@ -55,15 +55,15 @@ class Trainer:
         self.data = open_data(Path(cfg.data), resume)
         self.train_split = self.data.split("train")
         fill_vocabulary(self.config.model, self.data)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.model = build_model(self.config.model).to(self.device)
+        self.model = build_seeded_model(self.config, self.device)
         self.precision = choose_run_precision(cfg.precision, self.device, self.model, cfg.max_tokens, self.dist)
         self.amp_dtype = self.precision.dtype
-        self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype, self.run_dir)
+        self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
+                               self.run_dir)
         self.optimizer = self.step.optimizer
-        self.sampler = TokenBatchSampler(self.train_split.src_lengths, self.train_split.tgt_lengths, cfg.max_tokens,
-                                         seed=cfg.seed, shuffle=True, rank=self.dist.rank, world_size=self.dist.world_size)
+        split, dist = self.train_split, self.dist
+        self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
+                                         shuffle=True, rank=dist.rank, world_size=dist.world_size)
         self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype)
         self.progress, self.last_saved, self.last_validation = Progress(), None, None
         if resume:
@@ -74,12 +74,12 @@ class Trainer:
         self.model.load_state_dict(ckpt.model_state)
         self.step.load_state_dict(ckpt.train_state, reset)
         self.progress = Progress.from_state_dict(ckpt.train_state["progress"], reset_best="best" in reset)
-        if self.progress.position >= len(self.sampler.batches(self.progress.epoch)):  # saved at an epoch's end by earlier versions
-            self.progress.epoch, self.progress.position = self.progress.epoch + 1, 0
+        self.progress.skip_finished_epoch(len(self.sampler.batches(self.progress.epoch)))
         restore_rng(ckpt.train_state["rng"][self.dist.rank])
         self.last_saved = path
         resets = f" (reset: {', '.join(reset)})" if reset else ""
-        self.monitor.message(f"resumed from {path} at update {self.progress.update}, epoch {self.progress.epoch}{resets}")
+        self.monitor.message(f"resumed from {path} at update {self.progress.update}, "
+                             f"epoch {self.progress.epoch}{resets}")
 
     def update(self, group: list[list[int]]) -> tuple[float, float, int]:
         """One optimiser update over `group` batches; returns summed loss, NLL and target tokens."""
@@ -90,8 +90,7 @@ class Trainer:
         self.meter = TrainMeter(self.progress.elapsed, self.progress.validation_seconds)
         with ExitStack() as stack:
             self.dist.main_only(lambda: stack.enter_context(self.run_dir.lock()))
-            self.log = stack.enter_context(MetricsLog(self.run_dir.metrics_path, self.run_dir.path / "tensorboard",
-                                                      enabled=self.dist.is_main))
+            self.log = stack.enter_context(MetricsLog(*self.run_dir.log_paths, enabled=self.dist.is_main))
             self.signals = stack.enter_context(StopSignals(self.monitor.message))
             self.log.write({"kind": "setup", "update": self.progress.update, **self.precision.as_record()})
             self.monitor.started(self._start_info())
@@ -167,10 +166,11 @@ class Trainer:
         rng = self.dist.gather_object(capture_rng())
         if self.dist.is_main:
             state = {**self.step.state_dict(), "progress": self.progress.state_dict(), "rng": rng}
-            checkpoint = Checkpoint(self.config, self.model.state_dict(), self.data.src_tokenizer, self.data.tgt_tokenizer,
-                                    train_state=state, metrics=numbers(validation or {}))
+            checkpoint = Checkpoint(self.config, self.model.state_dict(), self.data.src_tokenizer,
+                                    self.data.tgt_tokenizer, train_state=state, metrics=numbers(validation or {}))
             best = validation is not None and validation["improved"]
-            self.run_dir.save(checkpoint.to_bytes(), self.progress.update, best, self.cfg.keep_last, to_toml(self.config))
+            self.run_dir.save(checkpoint.to_bytes(), self.progress.update, best, self.cfg.keep_last,
+                              to_toml(self.config))
         self.last_saved = self.run_dir.update_path(self.progress.update)
         self.dist.barrier()
 
@@ -192,9 +192,16 @@ def numbers(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def build_seeded_model(config: Config, device: torch.device) -> torch.nn.Module:
+    """The model with the initial weights of `train.seed` (Python's RNG seeded too, for whatever draws from it)."""
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    return build_model(config.model).to(device)
+
+
 def choose_run_precision(name: str, device: torch.device, model: torch.nn.Module, max_tokens: int,
                          dist: Distributed) -> Precision:
-    """`train.precision`, with "auto" measured on the model's matrix shapes; bf16 only if every rank measured it faster."""
+    """`train.precision`; "auto" measures the model's matrix shapes, keeping bf16 only if every rank found it faster."""
     choice = choose_precision(name, device, matrix_shapes(model, min(max_tokens, TIMED_ROWS)))
     if name == "auto" and dist.any_true(choice.name != "bf16") and choice.name == "bf16":
         return Precision("fp32", f"{choice.reason}, but not on every rank", choice.gflops)
@@ -218,5 +225,6 @@ def fill_vocabulary(model: ModelConfig, data: PreparedData) -> None:
     model.joint_vocab = data.joint
     if model.share_embeddings and not data.joint:
         raise NmtError(
-            "model.share_embeddings needs one joint tokenizer, but the data has one per side; set model.share_embeddings=false"
+            "model.share_embeddings needs one joint tokenizer, but the data has one per side; "
+            "set model.share_embeddings=false"
         )

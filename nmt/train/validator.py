@@ -47,18 +47,19 @@ class Validator:
         self.device, self.amp_dtype = device, amp_dtype
 
     @classmethod
-    def for_run(cls, data: PreparedData, config: Config, device: torch.device, amp_dtype: torch.dtype | None) -> Validator | None:
+    def for_run(cls, data: PreparedData, config: Config, device: torch.device,
+                amp_dtype: torch.dtype | None) -> Validator | None:
         """The validator of a training run (None when the data has no valid split), with the run's batch size."""
         if not data.has_split("valid"):
             return None
         train = config.train
         return cls(data.split("valid"), data.tgt_tokenizer, config.decode, batch_tokens=train.max_tokens,
-                   max_sentences=train.valid_max_sentences, bleu=train.valid_bleu, label_smoothing=train.label_smoothing,
-                   device=device, amp_dtype=amp_dtype)
+                   max_sentences=train.valid_max_sentences, bleu=train.valid_bleu,
+                   label_smoothing=train.label_smoothing, device=device, amp_dtype=amp_dtype)
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module, update: int, epoch: int, reporter: Reporter = SILENT) -> dict[str, Any]:
-        """The `valid` record of metrics.jsonl: loss and ppl, and with BLEU on, bleu, chrf, the sentences scored and one example."""
+        """The `valid` record of metrics.jsonl: loss and ppl; with BLEU on, also bleu, chrf, bleu_sentences, example."""
         model.eval()
         record: dict[str, Any] = {"kind": "valid", "update": update, "epoch": epoch, **self._loss(model)}
         if self.bleu:
@@ -72,9 +73,10 @@ class Validator:
         """Teacher-forced loss per target token, and perplexity, over the whole split."""
         loss_sum = nll_sum = 0.0
         tokens = 0
-        sampler = TokenBatchSampler(self.split.src_lengths, self.split.tgt_lengths, self.batch_tokens, seed=0, shuffle=False)
+        split = self.split
+        sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, self.batch_tokens, seed=0, shuffle=False)
         for batch_ids in sampler.batches(1):
-            batch = collate([self.split[i] for i in batch_ids]).to(self.device)
+            batch = collate([split[i] for i in batch_ids]).to(self.device)
             with autocast(self.device, self.amp_dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                 loss, nll = label_smoothed_loss(features, model.output.weight, batch.tgt_out, self.label_smoothing)
