@@ -13,6 +13,7 @@ from cli.common import on_sigterm
 from cli.evaluate import evaluate
 from cli.plot import plot
 from cli.prepare import prepare
+from cli.serve import serve
 from cli.tokenizer import tokenizer
 from cli.train import train
 from cli.translate import average, translate
@@ -36,8 +37,10 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors (or set NMT_DEBUG=1).")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show full tracebacks instead of one-line errors (or set NMT_DEBUG=1).")] = False,
 ) -> None:
     """Neural machine translation: tokenizer, prepare, train, translate, eval."""
     if debug:
@@ -52,6 +55,7 @@ app.command(name="average")(average)
 app.command(name="eval")(evaluate)
 app.command(name="attention")(attention)
 app.command(name="plot")(plot)
+app.command(name="serve")(serve)
 
 
 def main() -> None:

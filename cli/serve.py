@@ -1,0 +1,68 @@
+"""`nmt serve`: an HTTP translation server (LibreTranslate's API) with dynamic batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import err_console, handle_errors
+from nmt.device import tune_cpu
+from nmt.errors import NmtError
+from nmt.io import check_readable
+from nmt.service import Limits, Service, resolve_pairs
+
+LIMITS = Limits()  # the defaults, shown in --help
+
+
+@handle_errors
+def serve(
+    model: Annotated[list[Path], typer.Option(
+        "--model", "-m", help="Checkpoint to serve; repeat for more language pairs.")],
+    pair: Annotated[list[str] | None, typer.Option(
+        help="The model's language pair, e.g. en-de; one per --model, in order.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one; the address is printed).")] = 5000,
+    max_batch_tokens: Annotated[int, typer.Option(
+        help="Source tokens of the requests batched together (searched as this × beam).")] = LIMITS.max_batch_tokens,
+    max_wait_ms: Annotated[float, typer.Option(
+        help="How long the oldest request waits for others to join its batch.")] = LIMITS.max_wait_ms,
+    max_queue: Annotated[int, typer.Option(
+        help="Requests waiting per model; beyond it 503 with Retry-After.")] = LIMITS.max_queue,
+    max_sentences: Annotated[int, typer.Option(help="Lines per request; beyond it 413.")] = LIMITS.max_sentences,
+    max_chars: Annotated[int, typer.Option(help="Characters per request; beyond it 413.")] = LIMITS.max_chars,
+    timeout: Annotated[float, typer.Option(
+        help="Seconds a request may take, queueing included; beyond it 504.")] = LIMITS.timeout,
+    grace: Annotated[float, typer.Option(
+        help="Seconds queued requests get to finish after SIGTERM/SIGINT; then 503.")] = 30.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 where measured faster), fp32, bf16 or fp16 (GPU).")] = "auto",
+    threads: Annotated[int, typer.Option(
+        help="torch threads, shared by every model's decoding worker (0 = all cores); one worker per model, "
+             "so with several busy models each gets about cores / models.")] = 0,
+) -> None:
+    """Serve translations over HTTP: POST /translate, GET /languages, GET /health (LibreTranslate-compatible)."""
+    try:
+        from nmt.serve import Listen
+        from nmt.serve import serve as run_server
+    except ImportError as exc:
+        raise NmtError(f"nmt serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                       "pip install 'nmt[serve]'") from None
+    if grace < 0:
+        raise NmtError(f"--grace must be >= 0, got {grace}")
+    for path in model:
+        check_readable(path)
+    limits = Limits(max_sentences, max_chars, max_batch_tokens, max_wait_ms, max_queue, timeout)
+    service = Service(model, resolve_pairs(model, pair or []), limits)
+    tune_cpu(threads)
+    try:
+        run_server(service, Listen(host, port, grace), device, precision)
+    except KeyboardInterrupt:  # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: that is a clean stop
+        pass
+    if isinstance(service.failure, (NmtError, OSError)):
+        raise service.failure
+    if service.failure is not None:
+        raise NmtError(f"loading the models failed: {service.failure}")
+    err_console.print("nmt serve: stopped", highlight=False)
