@@ -1,0 +1,136 @@
+"""The dynamic batching queue without HTTP: grouping, order, token bound, waiting, overload, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Hashable
+
+import pytest
+
+from nmt.batching import BatchQueue, Closed, Job, Overloaded, Worker
+
+
+def job(text: str, options: Hashable = "greedy", tokens: int = 1) -> Job:
+    return Job([text], options, tokens)
+
+
+def texts(batch: list[Job] | None) -> list[str]:
+    assert batch is not None
+    return [line for j in batch for line in j.lines]
+
+
+def test_batches_hold_equal_options_in_arrival_order() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=10)
+    for text, options in (("a", "greedy"), ("b", "beam"), ("c", "greedy"), ("d", "beam"), ("e", "greedy")):
+        queue.put(job(text, options))
+    assert texts(queue.next_batch()) == ["a", "c", "e"]  # the oldest job's options first
+    assert texts(queue.next_batch()) == ["b", "d"]
+    assert len(queue) == 0
+
+
+def test_max_tokens_bounds_a_batch_but_a_large_job_still_runs_alone() -> None:
+    queue = BatchQueue(max_tokens=10, max_wait=0, max_queue=10)
+    for text, tokens in (("a", 4), ("b", 4), ("c", 4), ("big", 25), ("d", 1)):
+        queue.put(job(text, tokens=tokens))
+    assert texts(queue.next_batch()) == ["a", "b"]  # c would make 12 > 10
+    assert texts(queue.next_batch()) == ["c"]  # big does not fit beside c, and later jobs never overtake it
+    assert texts(queue.next_batch()) == ["big"]
+    assert texts(queue.next_batch()) == ["d"]
+
+
+def test_the_oldest_job_waits_max_wait_for_company_unless_the_batch_fills() -> None:
+    queue = BatchQueue(max_tokens=3, max_wait=0.3, max_queue=10)
+    queue.put(job("a"))
+    start = time.monotonic()
+    assert texts(queue.next_batch()) == ["a"]
+    assert 0.29 <= time.monotonic() - start < 2  # waited for company that never came
+    for text in "bcd":
+        queue.put(job(text))
+    start = time.monotonic()
+    assert texts(queue.next_batch()) == ["b", "c", "d"]
+    assert time.monotonic() - start < 0.2  # full at once: no wait
+
+
+def test_a_job_arriving_during_the_wait_joins_the_batch() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0.5, max_queue=10)
+    queue.put(job("a"))
+    threading.Timer(0.05, queue.put, [job("b")]).start()
+    assert texts(queue.next_batch()) == ["a", "b"]
+
+
+def test_overload_and_cancelled_jobs() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=2)
+    first, second = job("a"), job("b")
+    queue.put(first)
+    queue.put(second)
+    with pytest.raises(Overloaded, match="2 requests are waiting"):
+        queue.put(job("c"))
+    assert first.future.cancel()  # its client gave up (timeout): the slot is free again and it never runs
+    queue.put(job("d"))
+    assert texts(queue.next_batch()) == ["b", "d"]
+
+
+def test_close_refuses_new_jobs_runs_the_waiting_ones_then_ends() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=10, max_queue=10)
+    queue.put(job("a"))
+    queue.close()
+    with pytest.raises(Closed):
+        queue.put(job("b"))
+    start = time.monotonic()
+    assert texts(queue.next_batch()) == ["a"]  # no waiting for company once closed
+    assert time.monotonic() - start < 1
+    assert queue.next_batch() is None
+
+
+def test_abandon_fails_waiting_and_running_jobs_once() -> None:
+    queue = BatchQueue(max_tokens=1, max_wait=0, max_queue=10)
+    running, waiting = job("a"), job("b")
+    queue.put(running)
+    queue.put(waiting)
+    assert queue.next_batch() == [running]
+    assert queue.abandon(Closed("bye")) == 2
+    for j in (running, waiting):
+        with pytest.raises(Closed, match="bye"):
+            j.future.result(timeout=1)
+    assert queue.abandon(Closed("again")) == 0
+
+
+def test_worker_gives_each_job_its_own_results_in_order() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0.2, max_queue=100)
+    seen: list[tuple[Hashable, list[str]]] = []
+
+    def translate(options: Hashable, lines: list[str]) -> list[str]:
+        seen.append((options, lines))
+        return [f"{options}:{line.upper()}" for line in lines]
+
+    jobs = [Job([f"{i}a", f"{i}b"], i % 2, 2) for i in range(6)]
+    for j in jobs:
+        queue.put(j)
+    worker = Worker(queue, translate)
+    worker.start()
+    assert [j.future.result(timeout=5) for j in jobs] == [[f"{i % 2}:{i}A", f"{i % 2}:{i}B"] for i in range(6)]
+    assert sorted(options for options, _ in seen) == [0, 1]  # two batches, one per option set
+    queue.close()
+    worker.join(5)
+    assert not worker.is_alive()
+
+
+def test_a_failing_batch_fails_its_own_jobs_only() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=100)
+
+    def translate(options: Hashable, lines: list[str]) -> list[str]:
+        if options == "bad":
+            raise ValueError("broken model")
+        return lines
+
+    bad, good = job("x", "bad"), job("y", "good")
+    queue.put(bad)
+    queue.put(good)
+    worker = Worker(queue, translate)
+    worker.start()
+    with pytest.raises(ValueError, match="broken model"):
+        bad.future.result(timeout=5)
+    assert good.future.result(timeout=5) == ["y"]
+    queue.close()
+    worker.join(5)
