@@ -140,7 +140,7 @@ def _summary(result: TrainResult, best_metric: str) -> list[tuple[str, Any]]:
         ("updates", result.updates),
         ("epochs finished", result.epochs_finished),
         ("target tokens", result.target_tokens),
-        ("time", f"{result.seconds / 60:.1f} min ({result.validation_seconds / 60:.1f} of it validating)"),
+        ("time", f"{_duration(result.seconds)} ({_duration(result.validation_seconds)} of it validating)"),
         ("target tokens/s", f"{result.tokens_per_second:,.0f} (training time only)"),
     ]
     if result.last_validation:
@@ -153,6 +153,10 @@ def _summary(result: TrainResult, best_metric: str) -> list[tuple[str, Any]]:
     if result.best_checkpoint:
         rows.append(("best checkpoint", str(result.best_checkpoint)))
     return rows
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _literal(value: object) -> str:
