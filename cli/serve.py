@@ -47,9 +47,8 @@ def serve(
     try:
         from nmt.serve import Listen
         from nmt.serve import serve as run_server
-    except ImportError as exc:
-        raise NmtError(f"nmt serve needs FastAPI and uvicorn ({exc.name} is missing): "
-                       "pip install 'nmt[serve]'") from None
+    except ImportError as exc:  # the optional extra
+        raise NmtError(f"nmt serve needs FastAPI and uvicorn ({exc}): pip install 'nmt[serve]'") from None
     if grace < 0:
         raise NmtError(f"--grace must be >= 0, got {grace}")
     for path in model:

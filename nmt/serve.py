@@ -29,6 +29,8 @@ from nmt.service import ServeError, Service, TranslateRequest
 from nmt.translate import LineResult
 
 log = logging.getLogger("nmt.serve")
+# clearer than pydantic's own words for these fields
+FIELD_ERRORS = {"q": "must be a string or a list of strings", "format": "only 'text' is supported"}
 
 
 class TranslateBody(BaseModel):
@@ -68,8 +70,8 @@ async def read_body(request: Request) -> TranslateBody:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = str(first["loc"][0]) if first["loc"] else "body"
-        message = {"q": "must be a string or a list of strings", "format": "only 'text' is supported"}
-        raise ServeError(400, f"{where}: {message.get(where, first['msg'])}") from None
+        text = first["msg"] if first["type"] == "missing" else FIELD_ERRORS.get(where, first["msg"])
+        raise ServeError(400, f"{where}: {text}") from None
 
 
 def response(body: TranslateBody, results: list[list[LineResult]]) -> dict[str, Any]:
@@ -133,7 +135,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         if service.ready.is_set():
-            return JSONResponse({"status": "ready", "models": [str(pair) for pair in service.models]})
+            queued = sum(len(model.queue) for model in service.models.values())
+            return JSONResponse({"status": "ready", "models": [str(pair) for pair in service.models], "queued": queued})
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
 
     return app

@@ -148,14 +148,12 @@ class ServedModel:
         """The request's decoding options, complete and checked: the key batches are grouped by.
 
         `alternatives` asks for that many more hypotheses (LibreTranslate's way), so the
-        n-best list and, in beam search, the beam grow to hold them.
+        n-best list grows to hold them, and so does the checkpoint's beam unless the request sets one.
         """
         assert self.engine is not None
         base = self.engine.decode
         nbest = max(request.nbest or 1, request.alternatives + 1)
-        beam = request.beam or base.beam
-        if not base.sampling:
-            beam = max(beam, nbest)
+        beam = request.beam or (base.beam if base.sampling else max(base.beam, nbest))
         if beam > MAX_BEAM or nbest > MAX_BEAM:
             raise ServeError(400, f"beam and nbest are limited to {MAX_BEAM} on this server")
         alpha = base.alpha if request.alpha is None else request.alpha

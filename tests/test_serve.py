@@ -1,0 +1,289 @@
+"""`nmt serve` as a real server (a subprocess on a free loopback port) with a real HTTP client (httpx).
+
+The copying model translates every line into itself, so each answer is known in advance and
+a request answered with another request's text shows at once. Load loops are bounded in count
+and time; traffic goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from tests.conftest import EN_WORDS, make_parallel
+
+SOURCES = make_parallel(6, seed=11)[0]
+NMT = Path(sys.executable).with_name("nmt")
+CPU = ["--device", "cpu", "--precision", "fp32", "--threads", "1"]
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+            raise
+
+
+@contextmanager
+def running_server(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
+    """Start `nmt serve` on a port the OS picks, wait until /health says ready, stop it afterwards."""
+    log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([str(NMT), "serve", "-m", str(model), "--pair", "en-de", "--host", "127.0.0.1",
+                                    "--port", "0", *CPU, *options], stdout=sink, stderr=subprocess.STDOUT,
+                                   env={k: v for k, v in os.environ.items() if k != "NMT_DEBUG"})
+    server = Server(process, "", log)
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        server.url = found.group(1)
+        while httpx.get(f"{server.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield server
+    finally:
+        if process.poll() is None:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with running_server(copy_model, tmp_path_factory.mktemp("serve")) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def tiny_server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Tiny limits: 3 lines, 100 characters, 1 waiting request that waits 2 s for company but times out at 0.5 s."""
+    with running_server(copy_model, tmp_path_factory.mktemp("tiny"), "--max-sentences", "3", "--max-chars", "100",
+                        "--max-queue", "1", "--max-wait-ms", "2000", "--timeout", "0.5") as started:
+        yield started
+
+
+def post(server: Server, body: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/translate", json=body, timeout=60, **kwargs)
+
+
+def cli_translate(model: Path, lines: list[str], *options: str) -> str:
+    result = subprocess.run([str(NMT), "translate", "-m", str(model), *CPU, *options], input="\n".join(lines).encode(),
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def test_single_and_batch_requests_equal_nmt_translate_and_the_copies(server: Server, copy_model: Path) -> None:
+    for options in ({}, {"beam": 3, "alpha": 1.0}):
+        flags = [f"--{k}={v}" for k, v in options.items()]
+        expected = cli_translate(copy_model, SOURCES, *flags).splitlines()
+        assert expected == SOURCES  # the copying model
+        singles = [post(server, {"q": text, "source": "en", "target": "de", **options}) for text in SOURCES]
+        assert [r.json() for r in singles] == [{"translatedText": text} for text in expected]
+        batch = post(server, {"q": SOURCES, "source": "en", "target": "de", **options})
+        assert batch.status_code == 200 and batch.json() == {"translatedText": expected}
+
+
+def test_lines_empty_strings_and_normalisation_as_the_cli(server: Server, copy_model: Path) -> None:
+    q = [f"{SOURCES[0]}\n\n  {SOURCES[1]}  ", "", "   ", f"{SOURCES[2]}\r\n{SOURCES[3]}"]
+    answer = post(server, {"q": q, "source": "en", "target": "de"}).json()
+    lines = [line for text in q for line in text.split("\n")]
+    cli = cli_translate(copy_model, [line.rstrip("\r") for line in lines]).splitlines()
+    assert answer == {"translatedText": [f"{cli[0]}\n\n{cli[2]}", "", "", f"{cli[5]}\n{cli[6]}"]}
+    assert answer["translatedText"][0] == f"{SOURCES[0]}\n\n{SOURCES[1]}"
+
+
+def test_nbest_scores_and_alternatives(server: Server, copy_model: Path) -> None:
+    nbest = cli_translate(copy_model, SOURCES[:2], "--beam", "3", "--nbest", "3")
+    cli = [line.split("\t") for line in nbest.splitlines()]
+    answer = post(server, {"q": SOURCES[:2], "source": "en", "target": "de", "beam": 3, "nbest": 3}).json()
+    assert answer["translatedText"] == SOURCES[:2]
+    served = [(str(i), f"{h['score']:.4f}", h["text"]) for i, text in enumerate(answer["nbest"])
+              for line in text for h in line]
+    assert served == [tuple(fields) for fields in cli]
+    one = post(server, {"q": f"{SOURCES[0]}\n{SOURCES[1]}", "source": "en", "target": "de", "alternatives": 2}).json()
+    assert one["translatedText"] == f"{SOURCES[0]}\n{SOURCES[1]}"
+    assert one["alternatives"] == [f"{cli[k][2]}\n{cli[3 + k][2]}" for k in (1, 2)]  # the beam grew to 3 to hold them
+    assert "nbest" not in one and "warnings" not in one
+
+
+def test_form_bodies_languages_and_health(server: Server) -> None:
+    form = httpx.post(f"{server.url}/translate", data={"q": SOURCES[0], "source": "en", "target": "de", "api_key": ""})
+    assert form.status_code == 200 and form.json() == {"translatedText": SOURCES[0]}
+    assert httpx.get(f"{server.url}/languages").json() == [
+        {"code": "de", "name": "German", "targets": []}, {"code": "en", "name": "English", "targets": ["de"]}]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ready", "models": ["en-de"], "queued": 0}
+
+
+def test_a_line_beyond_the_models_positions_is_truncated_with_a_warning(server: Server, copy_model: Path) -> None:
+    long_line = " ".join(EN_WORDS * 6)  # far beyond the copying model's 64 positions
+    answer = post(server, {"q": [SOURCES[0], f"{SOURCES[1]}\n{long_line}"], "source": "en", "target": "de"}).json()
+    cli = cli_translate(copy_model, [SOURCES[0], SOURCES[1], long_line]).splitlines()
+    assert answer["translatedText"] == [cli[0], f"{cli[1]}\n{cli[2]}"]
+    assert long_line.startswith(cli[2]) and len(cli[2]) < len(long_line)
+    assert len(answer["warnings"]) == 1
+    assert re.fullmatch(r"line 3: \d+ tokens, truncated to the model's limit of 64", answer["warnings"][0])
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    ({"q": 5, "source": "en", "target": "de"}, "q: must be a string or a list of strings"),
+    ({"q": ["a", 5], "source": "en", "target": "de"}, "q: must be a string or a list of strings"),
+    ({"source": "en", "target": "de"}, "q: Field required"),
+    ({"q": "a", "source": "en", "target": "de", "beam": "5"}, "beam:"),
+    ({"q": "a", "source": "en", "target": "de", "alternatives": -1}, "alternatives:"),
+    ({"q": "a", "source": "en", "target": "de", "format": "html"}, "format: only 'text' is supported"),
+    ({"q": "a", "source": "en", "target": "de", "beam": 2, "nbest": 3}, "nbest 3 is larger than the beam size 2"),
+    ({"q": "a", "source": "en", "target": "de", "beam": 100}, "limited to 32"),
+    ({"q": "a", "source": "de", "target": "en"}, "no model for de-en; this server translates en-de"),
+])
+def test_bad_requests_are_400_with_one_error_and_disturb_nothing(server: Server, body: Any, message: str) -> None:
+    raw = body if isinstance(body, bytes) else None
+    answer = httpx.post(f"{server.url}/translate", content=raw, json=None if raw else body,
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and list(answer.json()) == ["error"] and message in answer.json()["error"]
+    assert post(server, {"q": SOURCES[0], "source": "en", "target": "de"}).json() == {"translatedText": SOURCES[0]}
+
+
+def test_unknown_routes_and_methods_answer_json_errors(server: Server) -> None:
+    assert httpx.get(f"{server.url}/nowhere").json() == {"error": "Not Found"}
+    wrong = httpx.get(f"{server.url}/translate")
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+
+
+def test_too_many_sentences_or_characters_are_413(tiny_server: Server) -> None:
+    lines = post(tiny_server, {"q": ["a", "b\nc", "d"], "source": "en", "target": "de"})
+    assert lines.status_code == 413 and lines.json() == {"error": "4 sentences in one request; the limit is 3"}
+    chars = post(tiny_server, {"q": "a" * 101, "source": "en", "target": "de"})
+    assert chars.status_code == 413 and chars.json() == {"error": "101 characters in one request; the limit is 100"}
+
+
+def test_timeout_is_504_and_a_full_queue_503_with_retry_after(tiny_server: Server) -> None:
+    async def both() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=30) as client:
+            first = asyncio.create_task(client.post("/translate", json={"q": "a dog", "source": "en", "target": "de"}))
+            await asyncio.sleep(0.2)  # the first waits in the queue for company (2 s) and holds its only slot
+            second = await client.post("/translate", json={"q": "a cat", "source": "en", "target": "de"})
+            return await first, second
+
+    timed_out, overloaded = asyncio.run(both())
+    assert timed_out.status_code == 504
+    assert timed_out.json() == {"error": "the translation took longer than the 0.5 s timeout"}
+    assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "1"
+    assert overloaded.json()["error"].startswith("server overloaded: 1 requests are waiting (--max-queue 1)")
+
+
+def distinct_text(client: int, request: int) -> str:
+    """A different sentence for every (client, request): a mix-up cannot go unseen."""
+    return " ".join((EN_WORDS[client // 20], EN_WORDS[client % 20], EN_WORDS[request], "park"))
+
+
+async def client_loop(client: httpx.AsyncClient, number: int, requests: int) -> list[tuple[str, Any]]:
+    answers = []
+    for request in range(requests):
+        text = distinct_text(number, request)
+        body = {"q": text, "source": "en", "target": "de", "beam": 1 + number % 2}  # two option sets in the queue
+        answer = await client.post("/translate", json=body)
+        answers.append((text, answer.json()))
+    return answers
+
+
+def test_64_concurrent_clients_get_their_own_translations(server: Server) -> None:
+    async def load() -> list[list[tuple[str, Any]]]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            return await asyncio.wait_for(asyncio.gather(*(client_loop(client, n, 20) for n in range(64))), 120)
+
+    start = time.monotonic()
+    answers = [pair for loop in asyncio.run(load()) for pair in loop]
+    assert len(answers) == 64 * 20 and len({text for text, _ in answers}) == 64 * 20
+    assert all(answer == {"translatedText": text} for text, answer in answers)
+    assert time.monotonic() - start < 120
+
+
+async def terminate_under_load(server: Server, count: int) -> list[tuple[str, httpx.Response]]:
+    """Send `count` requests, SIGTERM the server once each is answered or queued, and collect every response."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=count)) as client:
+        async def one(n: int) -> tuple[str, httpx.Response]:
+            text = distinct_text(n, n % 20)
+            return text, await client.post("/translate", json={"q": text, "source": "en", "target": "de"})
+
+        tasks = [asyncio.create_task(one(n)) for n in range(count)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until no request is still on its way to the queue
+            queued = (await client.get("/health")).json()["queued"]
+            if queued + sum(task.done() for task in tasks) == count:
+                break
+            await asyncio.sleep(0.01)
+        server.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+def test_sigterm_under_load_answers_every_request_completely(copy_model: Path, tmp_path: Path) -> None:
+    """Requests queued at SIGTERM get their translation or a 503, never half a response; the server exits 0."""
+    slow = ["--max-wait-ms", "200", "--max-batch-tokens", "16", "--grace", "0"]  # many small batches still queued
+    with running_server(copy_model, tmp_path, *slow) as server:
+        answers = asyncio.run(terminate_under_load(server, 64))
+        assert server.stop() == 0, server.log.read_text()
+    statuses = [response.status_code for _, response in answers]
+    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    for text, response in answers:
+        expected = {"translatedText": text} if response.status_code == 200 else {
+            "error": "the server shut down before this request was translated"}
+        assert response.json() == expected
+    assert "nmt serve: stopped" in server.log.read_text()
+
+
+def test_health_and_translate_answer_503_while_the_model_loads(copy_model: Path) -> None:
+    from nmt.serve import create_app
+    from nmt.service import Limits, Pair, Service
+
+    service = Service([copy_model], [Pair("en", "de")], Limits())  # never loaded
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(service)), base_url="http://nmt") as c:
+            return await c.get("/health"), await c.post("/translate", json={"q": "a", "source": "en", "target": "de"})
+
+    health, translate = asyncio.run(ask())
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    assert translate.status_code == 503 and translate.json() == {"error": "the model is still loading"}
+
+
+def test_command_line_errors_are_one_line(copy_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "-m", str(copy_model), *CPU])
+    assert result.exit_code == 1
+    refusal = f"error: {copy_model} stores no language codes; say which pair it serves with --pair src-tgt"
+    assert result.output.strip() == refusal
+    result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de", "--pair", "de-en"])
+    assert result.exit_code == 1 and "give one --pair per --model: 1 model(s), 2 pair(s)" in result.output
+    monkeypatch.setitem(sys.modules, "nmt.serve", None)  # as if FastAPI and uvicorn were not installed
+    result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "pip install 'nmt[serve]'" in result.output
