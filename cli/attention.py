@@ -27,10 +27,15 @@ def _read_inputs(input: Path | None) -> list[str]:
 @handle_errors
 def attention(
     model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file (from nmt train or nmt average).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write: index.html and line_N.png (refused if it exists, unless --overwrite).")],
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="Sentences, one per line; default: standard input.")] = None,
-    heads: Annotated[bool, typer.Option("--heads", help="Also draw each attention head (Transformer), not only their average per layer.")] = False,
-    png: Annotated[bool, typer.Option("--png/--no-png", help="Draw a PNG per sentence (needs matplotlib) besides the HTML page.")] = True,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Directory to write: index.html and line_N.png "
+                               "(refused if it exists, unless --overwrite).")],
+    input: Annotated[Path | None, typer.Option(
+        "--input", "-i", help="Sentences, one per line; default: standard input.")] = None,
+    heads: Annotated[bool, typer.Option(
+        "--heads", help="Also draw each attention head (Transformer), not only their average per layer.")] = False,
+    png: Annotated[bool, typer.Option(
+        "--png/--no-png", help="Draw a PNG per sentence (needs matplotlib) besides the HTML page.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier attention directory.")] = False,
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",

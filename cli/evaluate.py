@@ -89,12 +89,15 @@ def _scores_table(scores: dict[str, MetricScore]) -> Table:
 
 
 def _comparison_table(comparisons: dict[str, Comparison], hyp_name: str, baseline_name: str) -> Table:
-    table = Table(title="Paired bootstrap and approximate randomisation (AR) against the baseline", title_justify="left")
+    table = Table(title="Paired bootstrap and approximate randomisation (AR) against the baseline",
+                  title_justify="left")
     for column in ("metric", "system", "score", "mean ± 95% CI", "p bootstrap", "p AR"):
         table.add_column(column, justify="left" if column in ("metric", "system") else "right")
     for c in comparisons.values():
-        table.add_row(c.name, Text(f"baseline {baseline_name}"), f"{c.baseline.score:.2f}", f"{c.baseline.mean:.2f} ± {c.baseline.ci:.2f}", "", "")
-        table.add_row("", Text(hyp_name), f"{c.system.score:.2f}", f"{c.system.mean:.2f} ± {c.system.ci:.2f}", f"{c.p_bootstrap:.4f}", f"{c.p_ar:.4f}")
+        table.add_row(c.name, Text(f"baseline {baseline_name}"), f"{c.baseline.score:.2f}",
+                      f"{c.baseline.mean:.2f} ± {c.baseline.ci:.2f}", "", "")
+        table.add_row("", Text(hyp_name), f"{c.system.score:.2f}", f"{c.system.mean:.2f} ± {c.system.ci:.2f}",
+                      f"{c.p_bootstrap:.4f}", f"{c.p_ar:.4f}")
     return table
 
 
@@ -124,7 +127,8 @@ def _json_payload(
         "refs": [str(r) for r in refs],
         "lines": lines,
         "scores": {
-            key: {"name": s.name, "score": s.score, "signature": s.signature, "details": s.details} for key, s in scores.items()
+            key: {"name": s.name, "score": s.score, "signature": s.signature, "details": s.details}
+            for key, s in scores.items()
         },
     }
     if comparisons is not None:
@@ -152,22 +156,43 @@ def _json_payload(
 @handle_errors
 @with_decoding_options
 def evaluate(
-    refs: Annotated[list[Path], typer.Option("--ref", "-r", help="Reference file, one sentence per line (repeat for several references).", show_default=False)],
-    hyp: Annotated[Path | None, typer.Option("--hyp", help="Hypotheses (detokenised), one per line; read from stdin when absent.", show_default=False)] = None,
+    refs: Annotated[list[Path], typer.Option(
+        "--ref", "-r", help="Reference file, one sentence per line (repeat for several references).",
+        show_default=False)],
+    hyp: Annotated[Path | None, typer.Option(
+        "--hyp", help="Hypotheses (detokenised), one per line; read from stdin when absent.",
+        show_default=False)] = None,
     metrics: Annotated[str, typer.Option("--metrics", help=f"Comma-separated metrics: {', '.join(METRICS)}.")] = "bleu",
-    tokenize: Annotated[str, typer.Option(help=f"BLEU tokenizer: {', '.join(TOKENIZERS)} (ja-mecab/ko-mecab need sacrebleu's extras).")] = DEFAULT_TOKENIZER,
-    lowercase: Annotated[bool, typer.Option("--lowercase", help="Case-insensitive BLEU and chrF (TER is case-insensitive anyway, as in sacreBLEU).")] = False,
-    moses: Annotated[str | None, typer.Option("--moses", help="Moses-tokenise hypotheses and references for this language and score BLEU on those tokens (tok:none): comparable with papers that report multi-bleu.perl on tokenised text. Needs nmt[moses].", show_default=False)] = None,
-    baseline: Annotated[Path | None, typer.Option(help="Baseline hypotheses: run paired bootstrap and approximate randomisation against them.", show_default=False)] = None,
-    bootstrap_samples: Annotated[int, typer.Option(help="Bootstrap resamples for confidence intervals and the bootstrap p-value.")] = BOOTSTRAP_SAMPLES,
+    tokenize: Annotated[str, typer.Option(
+        help=f"BLEU tokenizer: {', '.join(TOKENIZERS)} (ja-mecab/ko-mecab "
+             "need sacrebleu's extras).")] = DEFAULT_TOKENIZER,
+    lowercase: Annotated[bool, typer.Option(
+        "--lowercase", help="Case-insensitive BLEU and chrF (TER is case-insensitive anyway, "
+                            "as in sacreBLEU).")] = False,
+    moses: Annotated[str | None, typer.Option(
+        "--moses", help="Moses-tokenise hypotheses and references for this language and score BLEU on those tokens "
+                        "(tok:none): comparable with papers that report multi-bleu.perl on tokenised text. "
+                        "Needs nmt[moses].", show_default=False)] = None,
+    baseline: Annotated[Path | None, typer.Option(
+        help="Baseline hypotheses: run paired bootstrap and approximate randomisation against them.",
+        show_default=False)] = None,
+    bootstrap_samples: Annotated[int, typer.Option(
+        help="Bootstrap resamples for confidence intervals and the bootstrap p-value.")] = BOOTSTRAP_SAMPLES,
     ar_trials: Annotated[int, typer.Option(help="Approximate randomisation trials.")] = AR_TRIALS,
     seed: Annotated[int, typer.Option(help="Seed of the resampling, so p-values are reproducible.")] = SEED,
-    sentence: Annotated[bool, typer.Option("--sentence", help="Also score every line (BLEU with effective order).")] = False,
-    worst_n: Annotated[int, typer.Option("--worst", help="Show only the N worst lines by the first metric (implies --sentence).", show_default=False)] = 0,
+    sentence: Annotated[bool, typer.Option(
+        "--sentence", help="Also score every line (BLEU with effective order).")] = False,
+    worst_n: Annotated[int, typer.Option(
+        "--worst", help="Show only the N worst lines by the first metric (implies --sentence).",
+        show_default=False)] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")] = False,
-    model: Annotated[Path | None, typer.Option("--model", "-m", help="Translate --src with this checkpoint and score the result (decoding options as in nmt translate).", show_default=False)] = None,
-    src: Annotated[Path | None, typer.Option("--src", "-s", help="With --model: the source sentences, one per line.", show_default=False)] = None,
-    hyp_out: Annotated[Path | None, typer.Option("--hyp-out", help="With --model: also write the hypotheses to this file.", show_default=False)] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", "-m", help="Translate --src with this checkpoint and score the result "
+                              "(decoding options as in nmt translate).", show_default=False)] = None,
+    src: Annotated[Path | None, typer.Option(
+        "--src", "-s", help="With --model: the source sentences, one per line.", show_default=False)] = None,
+    hyp_out: Annotated[Path | None, typer.Option(
+        "--hyp-out", help="With --model: also write the hypotheses to this file.", show_default=False)] = None,
     *,
     decoding: DecodingOptions,
 ) -> None:
@@ -181,7 +206,7 @@ def evaluate(
         raise NmtError(f"--worst must be 1 or more, got {worst_n}")
     _check_hypothesis_source(hyp, model, src, hyp_out)
     references = [read_text(r) for r in refs]
-    named_refs = [(str(r), lines) for r, lines in zip(refs, references)]
+    named_refs = [(str(r), lines) for r, lines in zip(refs, references, strict=True)]
     if model is not None and src is not None:
         hyps, hyp_name = _translate(model, src, hyp_out, decoding, named_refs), str(hyp_out or model)
     else:
@@ -201,7 +226,8 @@ def evaluate(
         scores = corpus_scores(hyps, references, reporter=reporter, **options)
         if baseline_hyps is not None:
             comparisons = compare(
-                hyps, baseline_hyps, references, bootstrap_samples=bootstrap_samples, ar_trials=ar_trials, seed=seed, reporter=reporter, **options
+                hyps, baseline_hyps, references, bootstrap_samples=bootstrap_samples, ar_trials=ar_trials, seed=seed,
+                reporter=reporter, **options
             )
         if sentence or worst_n:
             sentences = sentence_scores(hyps, references, reporter=reporter, **options)

@@ -42,7 +42,8 @@ def _tokenizers(tokenizer: Path | None, src_tokenizer: Path | None, tgt_tokenize
                 training: TokenizerTraining, normalization: str) -> tuple[Tokenizer, Tokenizer] | TokenizerTraining:
     ways = sum((tokenizer is not None, src_tokenizer is not None or tgt_tokenizer is not None, train))
     if ways != 1:
-        raise NmtError("choose the tokenizer one way: --tokenizer, --src-tokenizer with --tgt-tokenizer, or --train-tokenizer")
+        raise NmtError("choose the tokenizer one way: --tokenizer, --src-tokenizer with --tgt-tokenizer, "
+                       "or --train-tokenizer")
     if train:
         return training
     if tokenizer is not None:
@@ -55,49 +56,92 @@ def _tokenizers(tokenizer: Path | None, src_tokenizer: Path | None, tgt_tokenize
 
 @handle_errors
 def prepare(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (refused if it exists, unless --overwrite).")],
-    train_src: Annotated[Path | None, typer.Option(help="Training source text, one sentence per line (plain or .gz).", rich_help_panel=SOURCES)] = None,
-    train_tgt: Annotated[Path | None, typer.Option(help="Training target text, aligned with --train-src.", rich_help_panel=SOURCES)] = None,
-    train: Annotated[Path | None, typer.Option(help="Training pairs in one .tsv or .jsonl file (plain or .gz).", rich_help_panel=SOURCES)] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output directory (refused if it exists, unless --overwrite).")],
+    train_src: Annotated[Path | None, typer.Option(
+        help="Training source text, one sentence per line (plain or .gz).", rich_help_panel=SOURCES)] = None,
+    train_tgt: Annotated[Path | None, typer.Option(
+        help="Training target text, aligned with --train-src.", rich_help_panel=SOURCES)] = None,
+    train: Annotated[Path | None, typer.Option(
+        help="Training pairs in one .tsv or .jsonl file (plain or .gz).", rich_help_panel=SOURCES)] = None,
     valid_src: Annotated[Path | None, typer.Option(help="Validation source text.", rich_help_panel=SOURCES)] = None,
     valid_tgt: Annotated[Path | None, typer.Option(help="Validation target text.", rich_help_panel=SOURCES)] = None,
-    valid: Annotated[Path | None, typer.Option(help="Validation pairs in one .tsv or .jsonl file.", rich_help_panel=SOURCES)] = None,
+    valid: Annotated[Path | None, typer.Option(
+        help="Validation pairs in one .tsv or .jsonl file.", rich_help_panel=SOURCES)] = None,
     test_src: Annotated[Path | None, typer.Option(help="Test source text.", rich_help_panel=SOURCES)] = None,
     test_tgt: Annotated[Path | None, typer.Option(help="Test target text.", rich_help_panel=SOURCES)] = None,
-    test: Annotated[Path | None, typer.Option(help="Test pairs in one .tsv or .jsonl file.", rich_help_panel=SOURCES)] = None,
-    src_lang: Annotated[str | None, typer.Option(help="Source language code: the key in a 'translation' dict, and the default source field.", rich_help_panel=SOURCES)] = None,
-    tgt_lang: Annotated[str | None, typer.Option(help="Target language code, as --src-lang.", rich_help_panel=SOURCES)] = None,
-    src_field: Annotated[str | None, typer.Option(help="Source field: TSV column name (header) or number (no header, default 0); JSONL/dataset field, dotted for nesting (translation.en).", rich_help_panel=SOURCES)] = None,
-    tgt_field: Annotated[str | None, typer.Option(help="Target field, as --src-field (TSV default column 1).", rich_help_panel=SOURCES)] = None,
-    valid_size: Annotated[int, typer.Option(help="Carve this many random validation pairs out of the training source.", rich_help_panel=SOURCES)] = 0,
-    test_size: Annotated[int, typer.Option(help="Carve this many random test pairs out of the training source.", rich_help_panel=SOURCES)] = 0,
+    test: Annotated[Path | None, typer.Option(
+        help="Test pairs in one .tsv or .jsonl file.", rich_help_panel=SOURCES)] = None,
+    src_lang: Annotated[str | None, typer.Option(
+        help="Source language code: the key in a 'translation' dict, and the default source field.",
+        rich_help_panel=SOURCES)] = None,
+    tgt_lang: Annotated[str | None, typer.Option(
+        help="Target language code, as --src-lang.", rich_help_panel=SOURCES)] = None,
+    src_field: Annotated[str | None, typer.Option(
+        help="Source field: TSV column name (header) or number (no header, default 0); "
+             "JSONL/dataset field, dotted for nesting (translation.en).", rich_help_panel=SOURCES)] = None,
+    tgt_field: Annotated[str | None, typer.Option(
+        help="Target field, as --src-field (TSV default column 1).", rich_help_panel=SOURCES)] = None,
+    valid_size: Annotated[int, typer.Option(
+        help="Carve this many random validation pairs out of the training source.", rich_help_panel=SOURCES)] = 0,
+    test_size: Annotated[int, typer.Option(
+        help="Carve this many random test pairs out of the training source.", rich_help_panel=SOURCES)] = 0,
     split_seed: Annotated[int, typer.Option(help="Seed for carving valid/test pairs.", rich_help_panel=SOURCES)] = 1,
-    hf_dataset: Annotated[str | None, typer.Option(help="Hugging Face dataset name (hub or local path, or a loader such as json/csv/parquet with --hf-data-files).", rich_help_panel=HUB)] = None,
-    hf_config: Annotated[str | None, typer.Option(help="Dataset configuration, e.g. de-en.", rich_help_panel=HUB)] = None,
-    hf_data_files: Annotated[list[str] | None, typer.Option(help="Data files for a loader dataset (repeatable).", rich_help_panel=HUB)] = None,
-    hf_train_split: Annotated[str, typer.Option(help="Dataset split for training (when no training files are given).", rich_help_panel=HUB)] = "train",
-    hf_valid_split: Annotated[str | None, typer.Option(help="Dataset split for validation, e.g. validation.", rich_help_panel=HUB)] = None,
-    hf_test_split: Annotated[str | None, typer.Option(help="Dataset split for testing, e.g. test.", rich_help_panel=HUB)] = None,
-    streaming: Annotated[bool, typer.Option("--streaming", help="Stream the dataset instead of downloading it whole (corpora larger than memory or disk).", rich_help_panel=HUB)] = False,
-    hf_cache_dir: Annotated[Path | None, typer.Option(help="Cache directory for datasets (default: the datasets library's).", rich_help_panel=HUB)] = None,
-    tokenizer: Annotated[Path | None, typer.Option(help="Joint SentencePiece model from `nmt tokenizer`.", rich_help_panel=TOKENIZER)] = None,
-    src_tokenizer: Annotated[Path | None, typer.Option(help="Source-side model (with --tgt-tokenizer).", rich_help_panel=TOKENIZER)] = None,
-    tgt_tokenizer: Annotated[Path | None, typer.Option(help="Target-side model (with --src-tokenizer).", rich_help_panel=TOKENIZER)] = None,
-    train_tokenizer: Annotated[bool, typer.Option("--train-tokenizer", help="Train a SentencePiece model on the cleaned training text instead.", rich_help_panel=TOKENIZER)] = False,
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size for --train-tokenizer.", rich_help_panel=TOKENIZER)] = 8000,
-    model_type: Annotated[str, typer.Option(help=f"Segmentation for --train-tokenizer: {' or '.join(MODEL_TYPES)}.", rich_help_panel=TOKENIZER)] = "bpe",
-    separate_vocab: Annotated[bool, typer.Option("--separate-vocab", help="With --train-tokenizer: one model per side instead of a joint one.", rich_help_panel=TOKENIZER)] = False,
-    normalization: Annotated[str, typer.Option(help=f"Unicode normalisation, stored with the data and reused at translation time: {', '.join(NORMALIZATIONS)}.", rich_help_panel=CLEANING)] = "NFC",
-    max_len: Annotated[int, typer.Option(help="Drop training pairs with a side longer than this many subword tokens, BOS/EOS excluded (0 = no limit).", rich_help_panel=CLEANING)] = 250,
-    max_ratio: Annotated[float, typer.Option(help="Drop training pairs whose longer side has more than this many times the tokens of the shorter (0 = no limit).", rich_help_panel=CLEANING)] = 3.0,
-    dedup: Annotated[bool, typer.Option(help="Drop repeated training pairs and training pairs equal to a valid/test pair.", rich_help_panel=CLEANING)] = True,
-    max_tokens: Annotated[int, typer.Option(help="Batch size in tokens for the padding estimate in the summary (as `train.max_tokens`).")] = 4096,
+    hf_dataset: Annotated[str | None, typer.Option(
+        help="Hugging Face dataset name (hub or local path, or a loader such as "
+             "json/csv/parquet with --hf-data-files).", rich_help_panel=HUB)] = None,
+    hf_config: Annotated[str | None, typer.Option(
+        help="Dataset configuration, e.g. de-en.", rich_help_panel=HUB)] = None,
+    hf_data_files: Annotated[list[str] | None, typer.Option(
+        help="Data files for a loader dataset (repeatable).", rich_help_panel=HUB)] = None,
+    hf_train_split: Annotated[str, typer.Option(
+        help="Dataset split for training (when no training files are given).", rich_help_panel=HUB)] = "train",
+    hf_valid_split: Annotated[str | None, typer.Option(
+        help="Dataset split for validation, e.g. validation.", rich_help_panel=HUB)] = None,
+    hf_test_split: Annotated[str | None, typer.Option(
+        help="Dataset split for testing, e.g. test.", rich_help_panel=HUB)] = None,
+    streaming: Annotated[bool, typer.Option(
+        "--streaming", help="Stream the dataset instead of downloading it whole (corpora larger than memory or disk).",
+        rich_help_panel=HUB)] = False,
+    hf_cache_dir: Annotated[Path | None, typer.Option(
+        help="Cache directory for datasets (default: the datasets library's).", rich_help_panel=HUB)] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Joint SentencePiece model from `nmt tokenizer`.", rich_help_panel=TOKENIZER)] = None,
+    src_tokenizer: Annotated[Path | None, typer.Option(
+        help="Source-side model (with --tgt-tokenizer).", rich_help_panel=TOKENIZER)] = None,
+    tgt_tokenizer: Annotated[Path | None, typer.Option(
+        help="Target-side model (with --src-tokenizer).", rich_help_panel=TOKENIZER)] = None,
+    train_tokenizer: Annotated[bool, typer.Option(
+        "--train-tokenizer", help="Train a SentencePiece model on the cleaned training text instead.",
+        rich_help_panel=TOKENIZER)] = False,
+    vocab_size: Annotated[int, typer.Option(
+        help="Vocabulary size for --train-tokenizer.", rich_help_panel=TOKENIZER)] = 8000,
+    model_type: Annotated[str, typer.Option(
+        help=f"Segmentation for --train-tokenizer: {' or '.join(MODEL_TYPES)}.", rich_help_panel=TOKENIZER)] = "bpe",
+    separate_vocab: Annotated[bool, typer.Option(
+        "--separate-vocab", help="With --train-tokenizer: one model per side instead of a joint one.",
+        rich_help_panel=TOKENIZER)] = False,
+    normalization: Annotated[str, typer.Option(
+        help="Unicode normalisation, stored with the data and reused at translation time: "
+             f"{', '.join(NORMALIZATIONS)}.", rich_help_panel=CLEANING)] = "NFC",
+    max_len: Annotated[int, typer.Option(
+        help="Drop training pairs with a side longer than this many subword tokens, BOS/EOS excluded (0 = no limit).",
+        rich_help_panel=CLEANING)] = 250,
+    max_ratio: Annotated[float, typer.Option(
+        help="Drop training pairs whose longer side has more than this many times the "
+             "tokens of the shorter (0 = no limit).", rich_help_panel=CLEANING)] = 3.0,
+    dedup: Annotated[bool, typer.Option(
+        help="Drop repeated training pairs and training pairs equal to a valid/test pair.",
+        rich_help_panel=CLEANING)] = True,
+    max_tokens: Annotated[int, typer.Option(
+        help="Batch size in tokens for the padding estimate in the summary (as `train.max_tokens`).")] = 4096,
     threads: Annotated[int, typer.Option(help="Encoding threads (0 = all cores).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing prepared directory.")] = False,
 ) -> None:
     """Clean, encode and store a parallel corpus as memory-mapped arrays for `nmt train`."""
     fields = {"src_lang": src_lang, "tgt_lang": tgt_lang, "src_field": src_field, "tgt_field": tgt_field}
-    hub = {"name": hf_dataset, "config": hf_config, "data_files": hf_data_files, "streaming": streaming, "cache_dir": hf_cache_dir}
+    hub = {"name": hf_dataset, "config": hf_config, "data_files": hf_data_files, "streaming": streaming,
+           "cache_dir": hf_cache_dir}
     clean = CleanConfig(normalization=normalization, max_len=max_len, max_ratio=max_ratio, dedup=dedup)
     tokenizers = _tokenizers(tokenizer, src_tokenizer, tgt_tokenizer, train_tokenizer,
                              TokenizerTraining(vocab_size, model_type, separate_vocab), normalization)
@@ -139,14 +183,17 @@ def _summary_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
     for name in ("valid", "test"):
         if name in meta["splits"]:
             split = meta["splits"][name]
-            rows.append((name, f"{split['examples']:,} pairs, {split['src']['tokens']:,} / {split['tgt']['tokens']:,} tokens"))
+            rows.append((name, f"{split['examples']:,} pairs, "
+                               f"{split['src']['tokens']:,} / {split['tgt']['tokens']:,} tokens"))
     info = meta["tokenizer"]
     kind = "joint" if info["joint"] else "one per side"
-    sizes = f"{info['src']['vocab_size']:,}" if info["joint"] else f"{info['src']['vocab_size']:,} / {info['tgt']['vocab_size']:,}"
+    sizes = (f"{info['src']['vocab_size']:,}" if info["joint"]
+             else f"{info['src']['vocab_size']:,} / {info['tgt']['vocab_size']:,}")
     padding = meta["padding"]
     rows += [
         ("tokenizer", f"{kind}, {sizes} pieces{', trained here' if info['trained'] else ''}, {meta['normalization']}"),
-        ("padding estimate", f"{padding['fraction']:.1%} at {padding['max_tokens']:,} tokens per batch ({padding['batches']:,} batches)"),
+        ("padding estimate", f"{padding['fraction']:.1%} at {padding['max_tokens']:,} tokens per batch "
+                             f"({padding['batches']:,} batches)"),
         ("time", f"{meta['seconds']:.1f} s"),
     ]
     return rows

@@ -14,16 +14,25 @@ from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, TrainingSummary, train_se
 
 @handle_errors
 def tokenizer(
-    inputs: Annotated[list[Path], typer.Argument(help="Text files to train on (plain or .gz), e.g. train.en train.de.", show_default=False)],
-    prefix: Annotated[Path, typer.Option("--prefix", "-o", help="Output prefix: writes PREFIX.model and PREFIX.vocab.")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Text files to train on (plain or .gz), e.g. train.en train.de.", show_default=False)],
+    prefix: Annotated[Path, typer.Option(
+        "--prefix", "-o", help="Output prefix: writes PREFIX.model and PREFIX.vocab.")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8000,
     model_type: Annotated[str, typer.Option(help=f"Segmentation algorithm: {' or '.join(MODEL_TYPES)}.")] = "bpe",
-    character_coverage: Annotated[float, typer.Option(help="Share of characters covered; 1.0 for alphabetic scripts, 0.9995 for CJK.")] = 1.0,
-    separate: Annotated[bool, typer.Option("--separate", help="One model per side instead of one joint model: the first half of INPUTS is the source, the second half the target; writes PREFIX.src.model and PREFIX.tgt.model.")] = False,
-    sample: Annotated[int, typer.Option(help="Train on a seeded random sample of this many sentences (0 = all), for large corpora.")] = 0,
-    symbols: Annotated[list[str] | None, typer.Option("--symbol", help="A user-defined symbol never split (repeatable), e.g. a language tag <2de>.")] = None,
-    normalization: Annotated[str, typer.Option(help=f"Unicode normalisation applied before training and encoding: {', '.join(NORMALIZATIONS)}.")] = "NFC",
-    byte_fallback: Annotated[bool, typer.Option(help="Spell unseen characters as UTF-8 bytes instead of <unk>.")] = True,
+    character_coverage: Annotated[float, typer.Option(
+        help="Share of characters covered; 1.0 for alphabetic scripts, 0.9995 for CJK.")] = 1.0,
+    separate: Annotated[bool, typer.Option(
+        "--separate", help="One model per side instead of one joint model: the first half of INPUTS is the source, "
+                           "the second half the target; writes PREFIX.src.model and PREFIX.tgt.model.")] = False,
+    sample: Annotated[int, typer.Option(
+        help="Train on a seeded random sample of this many sentences (0 = all), for large corpora.")] = 0,
+    symbols: Annotated[list[str] | None, typer.Option(
+        "--symbol", help="A user-defined symbol never split (repeatable), e.g. a language tag <2de>.")] = None,
+    normalization: Annotated[str, typer.Option(
+        help=f"Unicode normalisation applied before training and encoding: {', '.join(NORMALIZATIONS)}.")] = "NFC",
+    byte_fallback: Annotated[bool, typer.Option(
+        help="Spell unseen characters as UTF-8 bytes instead of <unk>.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for sentence sampling.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing PREFIX.model.")] = False,
 ) -> None:

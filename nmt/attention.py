@@ -62,7 +62,7 @@ def cross_attention(model: Seq2Seq, sources: Sequence[Sequence[int]], outputs: S
     return [
         (weights[i, :, : len(out), : len(src_ids)],
          by_head[i, :, :, : len(out), : len(src_ids)] if by_head is not None else None)
-        for i, (src_ids, out) in enumerate(zip(sources, outputs))
+        for i, (src_ids, out) in enumerate(zip(sources, outputs, strict=True))
     ]
 
 
@@ -99,7 +99,8 @@ def _maps(translator: Translator, results: list[LineResult], heads: bool) -> lis
         attention = cross_attention(translator.model, [r.source_ids for r in results], outputs, heads)
     return [
         AttentionMap(line=result.line, text=result.text, translation=result.best.text,
-                     source=pieces(translator.src_tokenizer, result.source_ids), target=pieces(translator.tgt_tokenizer, out),
+                     source=pieces(translator.src_tokenizer, result.source_ids),
+                     target=pieces(translator.tgt_tokenizer, out),
                      weights=weights, heads=by_head)
-        for result, out, (weights, by_head) in zip(results, outputs, attention)
+        for result, out, (weights, by_head) in zip(results, outputs, attention, strict=True)
     ]

@@ -121,7 +121,7 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
         raise NmtError("no checkpoints to average")
     checkpoints = [load_checkpoint(p) for p in paths]
     last = checkpoints[-1]
-    for path, ckpt in zip(paths, checkpoints):
+    for path, ckpt in zip(paths, checkpoints, strict=True):
         if (
             ckpt.config.model != last.config.model
             or ckpt.src_tokenizer != last.src_tokenizer

@@ -105,7 +105,8 @@ def check_tokenizer(tokenize: str) -> str:
     return tokenize
 
 
-def make_metric(name: str, tokenize: str = DEFAULT_TOKENIZER, lowercase: bool = False, sentence_level: bool = False) -> Metric:
+def make_metric(name: str, tokenize: str = DEFAULT_TOKENIZER, lowercase: bool = False,
+                sentence_level: bool = False) -> Metric:
     """A sacreBLEU metric object; `tokenize` applies to BLEU only, `lowercase` to BLEU and chrF.
 
     TER keeps sacreBLEU's default (case-insensitive, its own tokenizer), as the
@@ -116,7 +117,8 @@ def make_metric(name: str, tokenize: str = DEFAULT_TOKENIZER, lowercase: bool = 
         check_tokenizer(tokenize)
         try:
             # tokenize="none" scores text tokenised on purpose (e.g. --moses): no "forgot to detokenize" warning
-            return BLEU(tokenize=tokenize, lowercase=lowercase, effective_order=sentence_level, force=tokenize == "none")
+            return BLEU(tokenize=tokenize, lowercase=lowercase, effective_order=sentence_level,
+                        force=tokenize == "none")
         except (RuntimeError, ImportError, OSError, AssertionError) as exc:
             # ja-mecab / ko-mecab need extras; the spm family downloads a model.
             raise NmtError(f"tokenizer {tokenize!r} is unavailable: {' '.join(str(exc).split())}") from None
@@ -169,7 +171,8 @@ def corpus_scores(
     for name in names:
         metric = make_metric(name, tokenize, lowercase)
         score = metric.corpus_score(list(hyps), streams)
-        results[name] = MetricScore(name, score.name, float(score.score), metric.get_signature().format(), _details(score))
+        results[name] = MetricScore(name, score.name, float(score.score), metric.get_signature().format(),
+                                    _details(score))
         advance(1)
     return results
 
@@ -215,7 +218,8 @@ def _scores(metric: Metric, summed: np.ndarray) -> np.ndarray:
 
 
 def _paired_tests(
-    metric: Metric, bl_stats: np.ndarray, sys_stats: np.ndarray, observed: float, bootstrap_samples: int, ar_trials: int, seed: int
+    metric: Metric, bl_stats: np.ndarray, sys_stats: np.ndarray, observed: float, bootstrap_samples: int,
+    ar_trials: int, seed: int,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Paired bootstrap (Koehn 2004) and approximate randomisation (Riezler & Maxwell 2005).
 
@@ -273,12 +277,14 @@ def compare(
         bl_score = metric._compute_score_from_stats(bl_stats.sum(0))
         sys_score = metric._compute_score_from_stats(sys_stats.sum(0))
         observed = abs(sys_score.score - bl_score.score)
-        bl_boot, sys_boot, p_bs, p_ar = _paired_tests(metric, bl_stats, sys_stats, observed, bootstrap_samples, ar_trials, seed)
+        bl_boot, sys_boot, p_bs, p_ar = _paired_tests(metric, bl_stats, sys_stats, observed, bootstrap_samples,
+                                                      ar_trials, seed)
         signature = metric.get_signature()
         for key, value in (("bs", bootstrap_samples), ("ar", ar_trials), ("seed", seed)):
             signature.update(key, value)
         results[name] = Comparison(
-            name, sys_score.name, signature.format(), _estimate(bl_score.score, bl_boot), _estimate(sys_score.score, sys_boot), p_bs, p_ar
+            name, sys_score.name, signature.format(), _estimate(bl_score.score, bl_boot),
+            _estimate(sys_score.score, sys_boot), p_bs, p_ar,
         )
         advance(1)
     return results

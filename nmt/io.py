@@ -200,7 +200,8 @@ def check_output_dir(path: Path, overwrite: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Give a temporary directory beside `path`; move it onto `path` only on success (stale ones go, as in atomic_path)."""
+    """Give a temporary directory beside `path`; move it onto `path` only on success
+    (stale ones go, as in atomic_path)."""
     path = check_output_dir(path, overwrite)
     _remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
@@ -235,7 +236,8 @@ class LineStream:
     def __iter__(self) -> Iterator[str]:
         for number, (raw, more_waiting) in enumerate(_raw_lines(self.stream), start=1):
             self._more = more_waiting
-            yield decode_line(raw, number, self.name, self.errors, hint="; use --errors replace to continue").rstrip("\r")
+            yield decode_line(raw, number, self.name, self.errors,
+                              hint="; use --errors replace to continue").rstrip("\r")
 
     def waiting(self) -> bool:
         return self._more

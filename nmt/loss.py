@@ -82,7 +82,8 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        loss, nll, grad_features, grad_weight = _projected_loss(features, weight, target, smoothing, with_gradients=True)
+        loss, nll, grad_features, grad_weight = _projected_loss(features, weight, target, smoothing,
+                                                                with_gradients=True)
         ctx.save_for_backward(grad_features, grad_weight)
         ctx.dtypes = features.dtype, weight.dtype
         ctx.mark_non_differentiable(nll)

@@ -107,7 +107,8 @@ def measure_matmul_gflops(shapes: Sequence[Shape], seconds: float = MEASURE_SECO
     shapes = list(shapes) or [(1024, 1024, 1024)]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     generator = torch.Generator().manual_seed(0)
-    operands = {name: [(torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype))
+    operands = {name: [(torch.randn(m, k, generator=generator).to(dtype),
+                        torch.randn(k, n, generator=generator).to(dtype))
                        for m, k, n in shapes] for name, dtype in dtypes.items()}
     best = dict.fromkeys(dtypes, float("inf"))
     deadline, rounds = time.perf_counter() + seconds, 0
@@ -132,7 +133,8 @@ def cache_dir() -> Path:
 
 def machine_key(shapes: Iterable[Shape]) -> str:
     """What a measurement depends on: the CPU, torch, the thread count and the shapes."""
-    parts = [*cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}", repr(sorted(shapes))]
+    parts = [*cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}",
+             repr(sorted(shapes))]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

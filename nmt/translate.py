@@ -77,7 +77,7 @@ def translate_ids(model: Seq2Seq, sources: Sequence[Sequence[int]], decode: Deco
         chunk = order[start:start + count]
         src, src_mask = pad_sources([sources[i] for i in chunk])
         found = search(model, src.to(device), src_mask.to(device), decode)
-        for index, hypotheses in zip(chunk, found):
+        for index, hypotheses in zip(chunk, found, strict=True):
             results[index] = hypotheses
         start += count
     return results
@@ -109,7 +109,8 @@ class Translator:
                 warnings.simplefilter("ignore")
                 model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         self.model = model.to(self.device)
-        self.precision: Precision = (Precision("fp32", "int8 layers, the rest in fp32") if quantize == "int8" and precision == "auto"
+        self.precision: Precision = (Precision("fp32", "int8 layers, the rest in fp32")
+                                     if quantize == "int8" and precision == "auto"
                                      else choose_precision(precision, self.device, matrix_shapes(model, DECODE_ROWS)))
         self.amp_dtype = self.precision.dtype
         self.src_tokenizer = checkpoint.src_tokenizer
@@ -153,7 +154,7 @@ class Translator:
         todo = [result for result in results if result.source_ids]
         with torch.inference_mode(), autocast(self.device, self.amp_dtype):
             found = translate_ids(self.model, [r.source_ids for r in todo], self.decode, self.batch_tokens, self.device)
-        for result, hypotheses in zip(todo, found):
+        for result, hypotheses in zip(todo, found, strict=True):
             result.hypotheses = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens)
                                  for h in hypotheses]
         return results

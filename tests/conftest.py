@@ -10,7 +10,8 @@ import pytest
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k-en-de"
 
 EN_WORDS = "a man woman dog cat runs walks on the street with red blue ball in park young girl boy plays".split()
-DE_WORDS = "ein mann frau hund katze läuft geht auf der straße mit rotem blauem ball im park junges mädchen junge spielt".split()
+DE_WORDS = ("ein mann frau hund katze läuft geht auf der straße mit rotem blauem ball im park "
+            "junges mädchen junge spielt").split()
 
 
 def make_parallel(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -95,8 +96,9 @@ def tiny_models(toy_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     for name, updates, extra in (("transformer", 200, []), ("gru", 200, rnn)):
         run = tmp_path_factory.mktemp("runs") / name
         config = Config()
-        merge(config, parse_overrides([*TINY_TRANSFORMER, *common, *extra, f'train.data="{toy_data}"', f'train.run_dir="{run}"',
-                                       f"train.max_updates={updates}", f"train.valid_every={updates // 2}"]))
+        merge(config, parse_overrides([*TINY_TRANSFORMER, *common, *extra, f'train.data="{toy_data}"',
+                                       f'train.run_dir="{run}"', f"train.max_updates={updates}",
+                                       f"train.valid_every={updates // 2}"]))
         models[name] = Trainer(config).train().last_checkpoint
     return models
 

@@ -64,7 +64,8 @@ def set_copy_weights(model: torch.nn.Module, vocab: int, positions: int) -> None
         if "norm" in name and name.endswith("weight"):
             parameter.fill_(1.0)  # LayerNorm gains
     width = model.config.d_model
-    token, position, copied = torch.arange(vocab), vocab + torch.arange(positions), vocab + positions + torch.arange(vocab)
+    token, position, copied = (torch.arange(vocab), vocab + torch.arange(positions),
+                               vocab + positions + torch.arange(vocab))
     spare = width - 1
     model.embed.src.weight[token, token] = SCALE / model.embed.scale
     model.embed.src.weight[0].zero_()  # padding

@@ -39,7 +39,7 @@ def test_maps_have_the_right_shape_and_rows_sum_to_one(joint_spm: Path, model: M
     maps = attention_maps(translator, TEXTS, heads=True)
     assert [m.line for m in maps] == [1, 3]  # the empty line has no map
     expected = translator.translate_nbest([TEXTS[0], TEXTS[2]])
-    for amap, text, [best, *_] in zip(maps, [TEXTS[0], TEXTS[2]], expected):
+    for amap, text, [best, *_] in zip(maps, [TEXTS[0], TEXTS[2]], expected, strict=True):
         source = encode_source(translator.src_tokenizer, text)
         assert amap.text == text and amap.translation == best.text
         assert amap.target == [translator.tgt_tokenizer.id_to_piece(i) for i in best.tokens]

@@ -67,9 +67,11 @@ def test_bad_checkpoints(joint_spm: Path, tmp_path: Path) -> None:
         load_checkpoint(truncated)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(NmtError, match=r"garbage.pt: not an nmt checkpoint \(not a file written by nmt train or nmt average\)$"):
+    with pytest.raises(NmtError, match=r"garbage.pt: not an nmt checkpoint "
+                                       r"\(not a file written by nmt train or nmt average\)$"):
         load_checkpoint(garbage)
-    with pytest.raises(NmtError, match=r"truncated.pt: corrupt or truncated checkpoint \((.{1,100}|.{1,100} \.\.\.)\)$") as caught:
+    with pytest.raises(NmtError, match=r"truncated.pt: corrupt or truncated checkpoint "
+                                       r"\((.{1,100}|.{1,100} \.\.\.)\)$") as caught:
         load_checkpoint(truncated)
     assert "\x1b" not in str(caught.value)
     foreign = tmp_path / "foreign.pt"

@@ -18,9 +18,12 @@ from nmt.evaluate import compare, corpus_scores, sentence_scores
 
 runner = CliRunner()
 
-HYPS = ["The cat sat on the mat.", "A man in a RED hat walks quickly!", "Dogs don't like rain.", "Two kids play ball in the park."]
-REF1 = ["The cat is sitting on the mat.", "A man in a red hat walks fast!", "Dogs do not like the rain.", "Two children play ball in a park."]
-REF2 = ["On the mat sat the cat.", "A man wearing a red hat walks quickly.", "Dogs dislike rain.", "Two kids are playing with a ball."]
+HYPS = ["The cat sat on the mat.", "A man in a RED hat walks quickly!", "Dogs don't like rain.",
+        "Two kids play ball in the park."]
+REF1 = ["The cat is sitting on the mat.", "A man in a red hat walks fast!", "Dogs do not like the rain.",
+        "Two children play ball in a park."]
+REF2 = ["On the mat sat the cat.", "A man wearing a red hat walks quickly.", "Dogs dislike rain.",
+        "Two kids are playing with a ball."]
 BASE = ["A cat on a mat.", "Man with hat.", "Dog rain.", "Children park."]
 
 
@@ -64,9 +67,11 @@ def test_tables_print_score_and_signature(files: dict[str, Path]) -> None:
 
 
 def test_json_schema_and_values(files: dict[str, Path]) -> None:
-    out = run_json("--hyp", str(files["hyp"]), "-r", str(files["ref"]), "-r", str(files["ref2"]), "--metrics", "bleu,chrf++,ter", "--lowercase", "--tokenize", "intl")
+    out = run_json("--hyp", str(files["hyp"]), "-r", str(files["ref"]), "-r", str(files["ref2"]),
+                   "--metrics", "bleu,chrf++,ter", "--lowercase", "--tokenize", "intl")
     assert list(out) == ["hyp", "refs", "lines", "scores"]
-    assert out["hyp"] == str(files["hyp"]) and out["refs"] == [str(files["ref"]), str(files["ref2"])] and out["lines"] == 4
+    assert (out["hyp"] == str(files["hyp"]) and out["refs"] == [str(files["ref"]), str(files["ref2"])]
+            and out["lines"] == 4)
     assert list(out["scores"]) == ["bleu", "chrf++", "ter"]
     expected = corpus_scores(HYPS, [REF1, REF2], metrics="bleu,chrf++,ter", tokenize="intl", lowercase=True)
     for key, entry in out["scores"].items():
@@ -78,8 +83,9 @@ def test_json_schema_and_values(files: dict[str, Path]) -> None:
 
 
 def test_json_with_baseline_and_sentences(files: dict[str, Path]) -> None:
-    out = run_json("--hyp", str(files["hyp"]), "-r", str(files["ref"]), "--baseline", str(files["base"]), "--metrics", "bleu,chrf",
-                   "--bootstrap-samples", "100", "--ar-trials", "200", "--seed", "3", "--sentence")
+    out = run_json("--hyp", str(files["hyp"]), "-r", str(files["ref"]), "--baseline", str(files["base"]),
+                   "--metrics", "bleu,chrf", "--bootstrap-samples", "100", "--ar-trials", "200", "--seed", "3",
+                   "--sentence")
     assert list(out) == ["hyp", "refs", "lines", "scores", "comparison", "sentences"]
     comparison = out["comparison"]
     assert list(comparison) == ["baseline", "metrics"] and comparison["baseline"] == str(files["base"])
@@ -91,12 +97,13 @@ def test_json_with_baseline_and_sentences(files: dict[str, Path]) -> None:
         assert (entry["p_bootstrap"], entry["p_ar"]) == (expected[key].p_bootstrap, expected[key].p_ar)
         assert "|bs:100|ar:200|seed:3|" in entry["signature"]
     sentences = sentence_scores(HYPS, REF1, metrics="bleu,chrf")
-    assert out["sentences"] == [{"line": s.line, "scores": s.scores, "hyp": s.hypothesis, "refs": list(s.references)} for s in sentences]
+    assert out["sentences"] == [{"line": s.line, "scores": s.scores, "hyp": s.hypothesis, "refs": list(s.references)}
+                                for s in sentences]
 
 
 def test_comparison_table(files: dict[str, Path]) -> None:
-    result = runner.invoke(app, ["eval", "--hyp", str(files["hyp"]), "-r", str(files["ref"]), "--baseline", str(files["hyp"]),
-                                 "--bootstrap-samples", "50", "--ar-trials", "50"])
+    result = runner.invoke(app, ["eval", "--hyp", str(files["hyp"]), "-r", str(files["ref"]),
+                                 "--baseline", str(files["hyp"]), "--bootstrap-samples", "50", "--ar-trials", "50"])
     assert result.exit_code == 0, result.output
     assert "p bootstrap" in result.stdout and "1.0000" in result.stdout  # a system against itself
     assert "BLEU|nrefs:1|bs:50|ar:50|seed:12345|case:mixed|eff:no|tok:13a|smooth:exp|version:" in result.stdout
@@ -132,10 +139,14 @@ def test_hypotheses_from_stdin_as_subprocess(files: dict[str, Path]) -> None:
         (["--hyp", "{hyp}", "-r", "{empty}"], None, "empty.txt: file is empty"),
         (["--hyp", "{binary}", "-r", "{ref}"], None, "binary.txt: line 2 is not valid UTF-8"),
         (["--hyp", "{short}", "-r", "{ref}"], None, "line counts differ: {short} has 3 lines, {ref} has 4"),
-        (["--hyp", "{hyp}", "-r", "{ref}", "-r", "{short}"], None, "line counts differ: {hyp} has 4 lines, {short} has 3"),
-        (["--hyp", "{hyp}", "-r", "{ref}", "--baseline", "{short}"], None, "line counts differ: {hyp} has 4 lines, {short} has 3"),
-        (["--hyp", "{hyp}", "-r", "{ref}", "--metrics", "bleu,meteor"], None, "unknown metric 'meteor'; choose from bleu, chrf, chrf++, ter"),
-        (["--hyp", "{hyp}", "-r", "{ref}", "--tokenize", "moses"], None, "unknown tokenizer 'moses'; choose from none, zh, 13a, intl, char"),
+        (["--hyp", "{hyp}", "-r", "{ref}", "-r", "{short}"], None,
+         "line counts differ: {hyp} has 4 lines, {short} has 3"),
+        (["--hyp", "{hyp}", "-r", "{ref}", "--baseline", "{short}"], None,
+         "line counts differ: {hyp} has 4 lines, {short} has 3"),
+        (["--hyp", "{hyp}", "-r", "{ref}", "--metrics", "bleu,meteor"], None,
+         "unknown metric 'meteor'; choose from bleu, chrf, chrf++, ter"),
+        (["--hyp", "{hyp}", "-r", "{ref}", "--tokenize", "moses"], None,
+         "unknown tokenizer 'moses'; choose from none, zh, 13a, intl, char"),
         (["--hyp", "{hyp}", "-r", "{ref}", "--worst", "-1"], None, "--worst must be 1 or more"),
         (["--hyp", "{hyp}", "-r", "{ref}", "--baseline", "{hyp}", "--ar-trials", "0"], None, "at least 1"),
         (["-r", "{ref}"], "", "<stdin>: no hypotheses (empty input)"),
@@ -143,7 +154,8 @@ def test_hypotheses_from_stdin_as_subprocess(files: dict[str, Path]) -> None:
         (["-r", "{ref}"], "just one line\n", "line counts differ: <stdin> has 1 lines, {ref} has 4"),
     ],
 )
-def test_errors_are_one_line_with_exit_1(files: dict[str, Path], tmp_path: Path, args: list[str], stdin: str | bytes | None, message: str) -> None:
+def test_errors_are_one_line_with_exit_1(files: dict[str, Path], tmp_path: Path, args: list[str],
+                                         stdin: str | bytes | None, message: str) -> None:
     names = {
         **{k: str(v) for k, v in files.items()},
         "missing": str(tmp_path / "missing.txt"),
@@ -165,25 +177,30 @@ def test_tokenizer_missing_its_extras_as_subprocess(files: dict[str, Path]) -> N
     result = nmt("eval", "--hyp", str(files["hyp"]), "-r", str(files["ref"]), "--tokenize", "ja-mecab")
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: tokenizer 'ja-mecab' is unavailable") and "pip install sacrebleu" in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith("error: tokenizer 'ja-mecab' is unavailable")
+            and "pip install sacrebleu" in lines[0])
     assert "Traceback" not in result.stderr
 
 
 def test_help_lists_the_options() -> None:
     result = runner.invoke(app, ["eval", "--help"])
     assert result.exit_code == 0
-    for option in ("--hyp", "--ref", "--metrics", "--tokenize", "--lowercase", "--baseline", "--sentence", "--worst", "--json", "--seed",
-                   "--model", "--src", "--hyp-out", "--beam", "--alpha", "--batch-tokens", "--device", "--precision", "--quantize",
-                   "--sample-seed"):
+    for option in ("--hyp", "--ref", "--metrics", "--tokenize", "--lowercase", "--baseline", "--sentence", "--worst",
+                   "--json", "--seed", "--model", "--src", "--hyp-out", "--beam", "--alpha", "--batch-tokens",
+                   "--device", "--precision", "--quantize", "--sample-seed"):
         assert option in result.stdout
 
 
-def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, corpus_dir: Path, tmp_path: Path) -> None:
+def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, corpus_dir: Path,
+                                                              tmp_path: Path) -> None:
     src, ref = corpus_dir / "valid.en", corpus_dir / "valid.de"
-    decoding = ["--beam", "3", "--alpha", "1.0", "--batch-tokens", "200", "--device", "cpu", "--threads", "1", "--precision", "fp32"]
+    decoding = ["--beam", "3", "--alpha", "1.0", "--batch-tokens", "200", "--device", "cpu", "--threads", "1",
+                "--precision", "fp32"]
     checkpoint = str(copy_model)
-    one_go = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--metrics", "bleu,chrf", "--hyp-out", str(tmp_path / "h.txt"), *decoding)
-    translated = runner.invoke(app, ["translate", "-m", checkpoint, "-i", str(src), "-o", str(tmp_path / "t.txt"), *decoding])
+    one_go = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--metrics", "bleu,chrf",
+                      "--hyp-out", str(tmp_path / "h.txt"), *decoding)
+    translated = runner.invoke(app, ["translate", "-m", checkpoint, "-i", str(src), "-o", str(tmp_path / "t.txt"),
+                                     *decoding])
     assert translated.exit_code == 0, translated.output
     assert (tmp_path / "h.txt").read_text(encoding="utf-8") == (tmp_path / "t.txt").read_text(encoding="utf-8")
     assert (tmp_path / "h.txt").read_text(encoding="utf-8") == src.read_text(encoding="utf-8")  # the model copies
@@ -193,8 +210,10 @@ def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.txt", "t.txt"]
     # the decoding options reach the model: a length limit of two tokens and EOS cuts every copy short
     short = run_json("-m", checkpoint, "--src", str(src), "-r", str(ref), "--max-len-a", "0", "--max-len-b", "3",
-                     "--hyp-out", str(tmp_path / "short.txt"), "--device", "cpu", "--threads", "1", "--precision", "fp32")
-    assert short["hyp"] == str(tmp_path / "short.txt") and short["scores"]["bleu"]["details"] != one_go["scores"]["bleu"]["details"]
+                     "--hyp-out", str(tmp_path / "short.txt"), "--device", "cpu", "--threads", "1",
+                     "--precision", "fp32")
+    assert (short["hyp"] == str(tmp_path / "short.txt")
+            and short["scores"]["bleu"]["details"] != one_go["scores"]["bleu"]["details"])
     tokenizer = load_checkpoint(copy_model).src_tokenizer
     expected = [tokenizer.decode(tokenizer.encode(line)[:2]) for line in src.read_text(encoding="utf-8").splitlines()]
     assert (tmp_path / "short.txt").read_text(encoding="utf-8").splitlines() == expected
@@ -217,7 +236,8 @@ def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, 
 def test_model_errors(files: dict[str, Path], copy_model: Path, tmp_path: Path, args: list[str], message: str) -> None:
     names = {**{k: str(v) for k, v in files.items()}, "model": str(copy_model), "out": str(tmp_path / "out.txt"),
              "missing": str(tmp_path / "missing.pt"), "short": str(write(tmp_path / "short.txt", HYPS[:3]))}
-    result = runner.invoke(app, ["eval", *(a.format(**names) for a in args), "-r", str(files["ref"]), "--threads", "1", "--precision", "fp32"])
+    result = runner.invoke(app, ["eval", *(a.format(**names) for a in args), "-r", str(files["ref"]), "--threads", "1",
+                                 "--precision", "fp32"])
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message.format(**names) in lines[0], result.stderr

@@ -29,7 +29,8 @@ def test_files_with_a_given_tokenizer(corpus_dir: Path, joint_spm: Path, tmp_pat
     data = PreparedData.open(out)
     counts = data.meta["splits"]["train"]["counts"]
     assert counts["read"] == 600 and counts["kept"] == len(data.split("train"))
-    for text in ("training pairs read", "600", "dropped: duplicate", "valid", "40 pairs", "padding estimate", "512 tokens"):
+    for text in ("training pairs read", "600", "dropped: duplicate", "valid", "40 pairs", "padding estimate",
+                 "512 tokens"):
         assert text in result.output
     again = runner.invoke(app, ["prepare", *files(corpus_dir, "train"), "--tokenizer", str(joint_spm), "-o", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
@@ -38,7 +39,8 @@ def test_files_with_a_given_tokenizer(corpus_dir: Path, joint_spm: Path, tmp_pat
 def test_jsonl_through_datasets_with_carving_and_a_trained_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
     src, tgt = ((corpus_dir / f"train.{s}").read_text(encoding="utf-8").splitlines() for s in ("en", "de"))
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"translation": {"en": s, "de": t}}) + "\n" for s, t in zip(src, tgt)))
+    path.write_text("".join(json.dumps({"translation": {"en": s, "de": t}}) + "\n"
+                            for s, t in zip(src, tgt, strict=True)))
     out = tmp_path / "data"
     result = runner.invoke(app, [
         "prepare", "--hf-dataset", "json", "--hf-data-files", str(path), "--hf-cache-dir", str(tmp_path / "cache"),
@@ -107,7 +109,8 @@ def test_as_a_subprocess_errors_have_no_traceback(tmp_path: Path, joint_spm: Pat
     (tmp_path / "a.de").write_text("eins\nzwei\n")
     exe = Path(sys.executable).with_name("nmt")
     env = {k: v for k, v in os.environ.items() if k != "NMT_DEBUG"}
-    result = subprocess.run([str(exe), "prepare", "--train-src", str(tmp_path / "a.en"), "--train-tgt", str(tmp_path / "a.de"),
+    result = subprocess.run([str(exe), "prepare", "--train-src", str(tmp_path / "a.en"),
+                             "--train-tgt", str(tmp_path / "a.de"),
                              "--tokenizer", str(joint_spm), "-o", str(tmp_path / "out")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -126,7 +129,8 @@ def test_a_damaged_gzip_is_named(tmp_path: Path, joint_spm: Path, damage: str, m
     whole = gzip.compress(b"a man runs\n" * 2000)
     (tmp_path / "a.en.gz").write_bytes(whole[: len(whole) // 2] if damage == "truncated" else b"a\nb\n")
     (tmp_path / "a.de").write_text("ein mann\n" * 2000)
-    result = runner.invoke(app, ["prepare", "--train-src", str(tmp_path / "a.en.gz"), "--train-tgt", str(tmp_path / "a.de"),
+    result = runner.invoke(app, ["prepare", "--train-src", str(tmp_path / "a.en.gz"),
+                                 "--train-tgt", str(tmp_path / "a.de"),
                                  "--tokenizer", str(joint_spm), "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and result.stderr.strip() == f"error: {tmp_path / message}", result.output
     assert not (tmp_path / "out").exists()

@@ -36,7 +36,8 @@ def test_help_and_version() -> None:
 
 def test_joint_model_through_runner(corpus_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(
-        app, ["tokenizer", str(corpus_dir / "train.en"), str(corpus_dir / "train.de"), "-o", str(tmp_path / "m"), "--vocab-size", "300"]
+        app, ["tokenizer", str(corpus_dir / "train.en"), str(corpus_dir / "train.de"), "-o", str(tmp_path / "m"),
+              "--vocab-size", "300"]
     )
     assert result.exit_code == 0, result.output
     assert "sentences used" in result.output and "1,200" in result.output
@@ -65,11 +66,13 @@ def test_separate_models_as_subprocess(corpus_dir: Path, tmp_path: Path) -> None
         ("blocked", [], "blocker: is not a directory"),
         ("good", ["--symbol", ""], "user-defined symbols must be non-empty and without spaces, got ''"),
         ("good", ["--sample", "-1"], "sample size must be 0 (all sentences) or positive, got -1"),
-        ("good", ["--vocab-size", "300", "--no-byte-fallback"], "vocabulary size 300 is more than this corpus can supply"),
+        ("good", ["--vocab-size", "300", "--no-byte-fallback"],
+         "vocabulary size 300 is more than this corpus can supply"),
         ("exists", [], "m.model: already exists (use --overwrite to replace it)"),
     ],
 )
-def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, corpus_dir: Path, setup: str, extra: list[str], message: str) -> None:
+def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, corpus_dir: Path, setup: str, extra: list[str],
+                                               message: str) -> None:
     source = tmp_path / "in.txt"
     prefix = tmp_path / "out" / "m"
     if setup == "empty":
@@ -89,7 +92,8 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path: Path, corpus_dir: Path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr and "INTERNAL" not in result.stderr and "_coverage" not in result.stderr
-    assert not list(tmp_path.rglob("*.model")) or setup == "exists" and Path(f"{prefix}.model").read_bytes() == b"an earlier model"
+    assert (not list(tmp_path.rglob("*.model"))
+            or setup == "exists" and Path(f"{prefix}.model").read_bytes() == b"an earlier model")
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def write_pairs(directory: Path, name: str, pairs: list[tuple[str, str]]) -> Tex
 
 
 def unique_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    return list(dict.fromkeys(zip(*make_parallel(n, seed))))
+    return list(dict.fromkeys(zip(*make_parallel(n, seed), strict=True)))
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def memory_mapped(array: np.ndarray) -> bool:
 
 def decoded(data: PreparedData, name: str) -> list[tuple[str, str]]:
     split = data.split(name)
-    return [(data.src_tokenizer.decode(s), data.tgt_tokenizer.decode(t)) for s, t in (split[i] for i in range(len(split)))]
+    return [(data.src_tokenizer.decode(s), data.tgt_tokenizer.decode(t))
+            for s, t in (split[i] for i in range(len(split)))]
 
 
 def test_each_cleaning_rule_is_counted_exactly(tmp_path: Path, tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
@@ -79,7 +80,8 @@ def test_each_cleaning_rule_is_counted_exactly(tmp_path: Path, tokenizers: tuple
     assert loose.meta["splits"]["train"]["counts"]["kept"] == 108  # only the 3 empty pairs dropped
 
 
-def test_prepared_directory_reopens_memory_mapped(corpus_dir: Path, tmp_path: Path, tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
+def test_prepared_directory_reopens_memory_mapped(corpus_dir: Path, tmp_path: Path,
+                                                  tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
     sources = Sources(TextFiles(corpus_dir / "train.en", corpus_dir / "train.de"),
                       test=TextFiles(corpus_dir / "valid.en", corpus_dir / "valid.de"))
     prepare(tmp_path / "data", sources, tokenizers, max_tokens=256)
@@ -89,7 +91,8 @@ def test_prepared_directory_reopens_memory_mapped(corpus_dir: Path, tmp_path: Pa
     assert data.joint and data.src_tokenizer is data.tgt_tokenizer and data.src_tokenizer == tokenizers[0]
     assert data.splits == ["train", "test"] and data.has_split("test") and not data.has_split("valid")
     train = data.split("train")
-    expected = list(dict.fromkeys(zip(*[(corpus_dir / f"train.{s}").read_text().splitlines() for s in ("en", "de")])))
+    expected = list(dict.fromkeys(zip(*[(corpus_dir / f"train.{s}").read_text().splitlines() for s in ("en", "de")],
+                                      strict=True)))
     assert decoded(data, "train") == expected
     assert memory_mapped(train[0][0]) and train[0][0].dtype == np.uint16
     assert train.src_lengths.tolist() == [len(train[i][0]) for i in range(len(train))]
@@ -107,9 +110,11 @@ def test_prepared_directory_reopens_memory_mapped(corpus_dir: Path, tmp_path: Pa
         data.split("valid")
 
 
-def test_normalisation_is_stored_and_returned_with_the_tokenizers(tmp_path: Path, tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
+def test_normalisation_is_stored_and_returned_with_the_tokenizers(tmp_path: Path,
+                                                                  tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
     raw = [("the ﬁne  dog\truns ", "der Hund läuft"), ("a cafe\u0301", "ein Cafe\u0301")]
-    sources = Sources(write_pairs(tmp_path, "train", unique_pairs(20, seed=3)), valid=write_pairs(tmp_path, "valid", raw))
+    sources = Sources(write_pairs(tmp_path, "train", unique_pairs(20, seed=3)),
+                      valid=write_pairs(tmp_path, "valid", raw))
     data = prepare(tmp_path / "data", sources, tokenizers, CleanConfig(normalization="NFKC"))
     assert data.meta["normalization"] == "NFKC"
     assert data.src_tokenizer.normalization == data.tgt_tokenizer.normalization == "NFKC"
@@ -120,7 +125,7 @@ def test_normalisation_is_stored_and_returned_with_the_tokenizers(tmp_path: Path
 
 
 def test_tokenizer_trained_in_the_same_run(tmp_path: Path) -> None:
-    rows = [f"{s}\t{t}" for s, t in zip(*make_parallel(300, seed=4))]
+    rows = [f"{s}\t{t}" for s, t in zip(*make_parallel(300, seed=4), strict=True)]
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     sources = Sources(TableFile(tmp_path / "train.tsv"), carve={"valid": 20})
     data = prepare(tmp_path / "joint", sources, TokenizerTraining(vocab_size=300))

@@ -72,7 +72,8 @@ def test_padding_fraction_counts_eos_and_bos_as_real() -> None:
 @pytest.mark.parametrize("world_size", [2, 3, 7])
 def test_ranks_are_disjoint_covering_and_equally_long(world_size: int) -> None:
     src, tgt = lengths(301)
-    shards = [TokenBatchSampler(src, tgt, 600, seed=2, rank=r, world_size=world_size).batches(1) for r in range(world_size)]
+    shards = [TokenBatchSampler(src, tgt, 600, seed=2, rank=r, world_size=world_size).batches(1)
+              for r in range(world_size)]
     assert len({len(s) for s in shards}) == 1
     everything = [i for shard in shards for i in flat(shard)]
     assert sorted(everything) == list(range(len(src)))

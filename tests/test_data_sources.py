@@ -128,7 +128,8 @@ def test_hub_plain_columns_through_loaders(tmp_path: Path, fmt: str) -> None:
         write_jsonl(path, table.to_pylist())
     by_lang = HubDataset(fmt, "train", src_lang="en", tgt_lang="de", data_files=[str(path)], cache_dir=tmp_path / "c")
     assert list(by_lang) == PAIRS and by_lang.size() == 3
-    by_field = HubDataset(fmt, "train", src_field="de", tgt_field="en", data_files=[str(path)], cache_dir=tmp_path / "c")
+    by_field = HubDataset(fmt, "train", src_field="de", tgt_field="en", data_files=[str(path)],
+                          cache_dir=tmp_path / "c")
     assert list(by_field) == [(t, s) for s, t in PAIRS]
 
 
@@ -141,7 +142,8 @@ def test_hub_plain_columns_through_loaders(tmp_path: Path, fmt: str) -> None:
         ("de-en", "train", (None, None), "give a language code or a field for each side"),
     ],
 )
-def test_hub_errors_are_one_line(hub_repo: Path, tmp_path: Path, config: str, split: str, langs: tuple, message: str) -> None:
+def test_hub_errors_are_one_line(hub_repo: Path, tmp_path: Path, config: str, split: str, langs: tuple,
+                                 message: str) -> None:
     with pytest.raises(NmtError, match=message) as caught:
         HubDataset(str(hub_repo), split, config, src_lang=langs[0], tgt_lang=langs[1], cache_dir=tmp_path / "cache")
     assert "\n" not in str(caught.value)
@@ -167,7 +169,7 @@ def test_carving_is_seeded_and_disjoint(tmp_path: Path) -> None:
     valid, test = list(carved["valid"]), list(carved["test"])
     assert (len(valid), len(test), rest.size()) == (5, 3, 42)
     assert valid == list(again["valid"]) and valid != list(other["valid"])
-    assert sorted(valid + test + list(rest)) == sorted(zip(lines, lines))
+    assert sorted(valid + test + list(rest)) == sorted(zip(lines, lines, strict=True))
     assert [int(s.split()[1]) for s, _ in valid] == sorted(int(s.split()[1]) for s, _ in valid)  # corpus order kept
     with pytest.raises(NmtError, match="cannot carve 50 valid/test pairs out of 50"):
         carve(source, {"valid": 50}, seed=1)

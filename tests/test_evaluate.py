@@ -126,7 +126,7 @@ def test_sentence_scores_and_worst() -> None:
     sentences = sentence_scores(HYPS, [REF1, REF2], metrics=metrics)
     assert [s.line for s in sentences] == list(range(1, len(HYPS) + 1))
     bleu, chrf, ter = BLEU(effective_order=True), CHRF(), TER()
-    for s, hyp, r1, r2 in zip(sentences, HYPS, REF1, REF2):
+    for s, hyp, r1, r2 in zip(sentences, HYPS, REF1, REF2, strict=True):
         assert s.hypothesis == hyp and s.references == (r1, r2)
         assert s.scores == {
             "bleu": bleu.sentence_score(hyp, [r1, r2]).score,
@@ -136,7 +136,8 @@ def test_sentence_scores_and_worst() -> None:
     lowest = worst(sentences, "bleu", 2)
     assert [s.scores["bleu"] for s in lowest] == sorted(s.scores["bleu"] for s in sentences)[:2]
     assert [s.line for s in lowest] == [4, 6]  # one-token Chinese line and the empty one tie at 0: file order
-    assert [s.scores["ter"] for s in worst(sentences, "ter", 3)] == sorted((s.scores["ter"] for s in sentences), reverse=True)[:3]
+    assert ([s.scores["ter"] for s in worst(sentences, "ter", 3)]
+            == sorted((s.scores["ter"] for s in sentences), reverse=True)[:3])
 
 
 # Significance: a toy test set where one system is much better than the other.
@@ -145,7 +146,7 @@ _REFS = [" ".join(_WORDS[(i * 7 + j * 3) % len(_WORDS)] for j in range(8)) for i
 _GOOD = list(_REFS)
 _GOOD[::10] = [r.replace("the", "a") for r in _REFS[::10]]
 _BAD = [" ".join(reversed(r.split()[:6])) for r in _REFS]
-_MIXED = [g if i % 3 else b for i, (g, b) in enumerate(zip(_GOOD, _BAD))]
+_MIXED = [g if i % 3 else b for i, (g, b) in enumerate(zip(_GOOD, _BAD, strict=True))]
 
 
 def _edit(sentence: str, position: int, word: str) -> str:
@@ -156,7 +157,8 @@ def _edit(sentence: str, position: int, word: str) -> str:
 
 # Two close systems that differ on every line, so resampled differences never tie with the observed one.
 _ONE_ERROR = [_edit(r, i % 8, "x") for i, r in enumerate(_REFS)]
-_SOME_TWO = [_edit(r, (i * 5 + 2) % 8, "y") if i % 8 else _edit(_edit(r, (i * 5 + 2) % 8, "y"), (i * 3 + 1) % 8, "zz") for i, r in enumerate(_REFS)]
+_SOME_TWO = [_edit(r, (i * 5 + 2) % 8, "y") if i % 8 else _edit(_edit(r, (i * 5 + 2) % 8, "y"), (i * 3 + 1) % 8, "zz")
+             for i, r in enumerate(_REFS)]
 
 
 def test_identical_systems_are_not_significantly_different() -> None:
@@ -170,7 +172,8 @@ def test_identical_systems_are_not_significantly_different() -> None:
 
 def test_sacrebleu_paired_test_gives_identical_systems_the_smallest_p() -> None:
     """Why nmt.evaluate replays the tests: sacreBLEU 2.6 counts only strictly larger differences."""
-    _, scores = PairedTest([("base", _MIXED), ("same", list(_MIXED))], {"BLEU": BLEU()}, [_REFS], test_type="bs", n_samples=200)()
+    _, scores = PairedTest([("base", _MIXED), ("same", list(_MIXED))], {"BLEU": BLEU()}, [_REFS], test_type="bs",
+                           n_samples=200)()
     assert scores["BLEU"][1].p_value == pytest.approx(1 / 201)
 
 
@@ -188,7 +191,8 @@ def test_paired_tests_replay_sacrebleu_draws(monkeypatch: pytest.MonkeyPatch) ->
     ours = compare(_ONE_ERROR, _SOME_TWO, _REFS, metrics="bleu,chrf", bootstrap_samples=300, ar_trials=400, seed=7)
     for test_type, samples in (("bs", 300), ("ar", 400)):
         _, theirs = PairedTest(
-            [("base", _SOME_TWO), ("sys", _ONE_ERROR)], {"BLEU": BLEU(), "chrF2": CHRF()}, [_REFS], test_type=test_type, n_samples=samples
+            [("base", _SOME_TWO), ("sys", _ONE_ERROR)], {"BLEU": BLEU(), "chrF2": CHRF()}, [_REFS], test_type=test_type,
+            n_samples=samples,
         )()
         for key, name in (("bleu", "BLEU"), ("chrf", "chrF2")):
             base, system = theirs[name]
@@ -203,7 +207,8 @@ def test_paired_tests_replay_sacrebleu_draws(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_seed_fixes_the_result() -> None:
-    run = lambda seed: compare(_MIXED, _BAD, _REFS, metrics="bleu", bootstrap_samples=100, ar_trials=100, seed=seed)["bleu"]  # noqa: E731
+    run = lambda seed: compare(_MIXED, _BAD, _REFS, metrics="bleu", bootstrap_samples=100, ar_trials=100,  # noqa: E731
+                               seed=seed)["bleu"]
     assert run(1) == run(1)
     assert run(1).system.ci != run(2).system.ci
 
@@ -221,7 +226,8 @@ def test_seed_fixes_the_result() -> None:
         (lambda: compare(HYPS, HYPS[:2], REF1), "7 hypotheses but the baseline has 2 lines"),
         (lambda: compare(HYPS, HYPS, REF1, ar_trials=0), "at least 1"),
         (lambda: compare(HYPS, HYPS, REF1, seed=-1), "seed must be 0 or more"),
-        (lambda: check_aligned([("h.txt", ["a"] * 3), ("r.txt", ["a"] * 3), ("r2.txt", ["a"] * 4)]), "line counts differ: h.txt has 3 lines, r2.txt has 4"),
+        (lambda: check_aligned([("h.txt", ["a"] * 3), ("r.txt", ["a"] * 3), ("r2.txt", ["a"] * 4)]),
+         "line counts differ: h.txt has 3 lines, r2.txt has 4"),
         (lambda: read_stream(io.BytesIO(b"fine\n\xff\xfe\n")), "<stdin>: line 2 is not valid UTF-8 (byte 0)"),
         (lambda: read_stream(io.BytesIO(b"")), "<stdin>: no hypotheses (empty input)"),
     ],
@@ -243,7 +249,8 @@ def test_read_stream_strips_newlines_and_keeps_blank_lines() -> None:
     assert read_stream(io.BytesIO("a b\r\n\nc ü\n".encode())) == ["a b", "", "c ü"]
 
 
-def test_pretokenised_text_scored_with_tokenize_none_gets_no_detokenize_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_pretokenised_text_scored_with_tokenize_none_gets_no_detokenize_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
     lines = [f"Satz Nummer {i} ." for i in range(200)]  # sacreBLEU warns above 100 lines ending in " ."
     with caplog.at_level("WARNING"):
         assert corpus_scores(lines, lines, metrics=("bleu",), tokenize="none")["bleu"].score == pytest.approx(100.0)
@@ -260,7 +267,9 @@ def test_moses_tokenised_bleu_matches_scoring_pretokenised_text() -> None:
     hyps = ["Ein Mann (mit Hut) läuft.", "Zwei Hunde spielen im Schnee!"]
     refs = ["Ein Mann (mit einem Hut) geht.", "Zwei Hunde spielen im Schnee."]
     expected = sacrebleu.corpus_bleu(
-        [h.lower() for h in moses_tokenize(hyps, "de")], [[r.lower() for r in moses_tokenize(refs, "de")]], tokenize="none"
+        [h.lower() for h in moses_tokenize(hyps, "de")], [[r.lower() for r in moses_tokenize(refs, "de")]],
+        tokenize="none",
     ).score
-    ours = corpus_scores(moses_tokenize(hyps, "de"), moses_tokenize(refs, "de"), metrics=("bleu",), tokenize="none", lowercase=True)
+    ours = corpus_scores(moses_tokenize(hyps, "de"), moses_tokenize(refs, "de"), metrics=("bleu",), tokenize="none",
+                         lowercase=True)
     assert ours["bleu"].score == pytest.approx(expected)

@@ -37,7 +37,8 @@ RNN = ModelConfig(
 CONFIGS = {
     "transformer-pre": TRANSFORMER,
     "transformer-post": replace(TRANSFORMER, norm="post"),
-    "transformer-learned-gelu": replace(TRANSFORMER, positions="learned", activation="gelu", enc_layers=1, dec_layers=3),
+    "transformer-learned-gelu": replace(TRANSFORMER, positions="learned", activation="gelu", enc_layers=1,
+                                        dec_layers=3),
     **{
         f"{cell}-{attention}": replace(RNN, cell=cell, attention=attention)
         for cell in ("lstm", "gru", "rnn")
@@ -154,7 +155,8 @@ def test_tied_and_shared_weights_are_one_tensor(base: ModelConfig) -> None:
 @pytest.mark.parametrize("cell", ["transformer", "lstm", "gru", "rnn"])
 def test_initial_loss_is_near_uniform_at_recipe_size(cell: str) -> None:
     """A tied output layer starts near the uniform distribution (loss about ln V) at the recipes'
-    width and vocabulary; N(0, 1) tables started the RNN decoders at 12 (LSTM) to 41 (Elman) and GRU/Elman never recovered."""
+    width and vocabulary; N(0, 1) tables started the RNN decoders at 12 (LSTM) to 41 (Elman) and GRU/Elman
+    never recovered."""
     vocab = 8000
     if cell == "transformer":
         config = replace(TRANSFORMER, src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=256, heads=4, ffn_dim=1024)
@@ -224,7 +226,8 @@ def test_parameter_counts_match_hand_computation() -> None:
     assert build_model(gru).num_parameters() == expected
 
 
-@pytest.mark.parametrize("name", ["transformer-post", "transformer-learned-gelu", "gru-general", "gru-no-feeding", "rnn-dot"])
+@pytest.mark.parametrize("name", ["transformer-post", "transformer-learned-gelu", "gru-general", "gru-no-feeding",
+                                  "rnn-dot"])
 @torch.no_grad()
 def test_flops_per_token_counts_every_matrix_product(name: str) -> None:
     """FlopCounterMode sees every matmul of a forward pass, attention included on the math path
@@ -298,10 +301,13 @@ def greedy(model: torch.nn.Module, src: torch.Tensor, src_mask: torch.Tensor, ma
 
 TASK_MODELS = {
     "transformer-pre": replace(TRANSFORMER, d_model=64, ffn_dim=128, dropout=0.0, enc_layers=1, dec_layers=2),
-    "transformer-post": replace(TRANSFORMER, d_model=64, ffn_dim=128, dropout=0.0, norm="post", enc_layers=1, dec_layers=2),
+    "transformer-post": replace(TRANSFORMER, d_model=64, ffn_dim=128, dropout=0.0, norm="post", enc_layers=1,
+                                dec_layers=2),
     "lstm-general": replace(RNN, embed_dim=32, hidden_size=64, dropout=0.0, enc_layers=1, dec_layers=1),
-    "gru-bahdanau": replace(RNN, cell="gru", attention="bahdanau", embed_dim=32, hidden_size=64, dropout=0.0, enc_layers=1, dec_layers=1),
-    "rnn-dot": replace(RNN, cell="rnn", attention="dot", embed_dim=32, hidden_size=64, dropout=0.0, enc_layers=1, dec_layers=1),
+    "gru-bahdanau": replace(RNN, cell="gru", attention="bahdanau", embed_dim=32, hidden_size=64, dropout=0.0,
+                            enc_layers=1, dec_layers=1),
+    "rnn-dot": replace(RNN, cell="rnn", attention="dot", embed_dim=32, hidden_size=64, dropout=0.0, enc_layers=1,
+                       dec_layers=1),
 }
 
 

@@ -79,10 +79,12 @@ def test_sampling_is_seeded(corpus_dir: Path, tmp_path: Path) -> None:
         (b"ok line\n\xff\xfe broken\n", {}, "line 2 is not valid UTF-8"),
         (b"a b c\n", {"vocab_size": 5000}, "more than this corpus can supply"),
         (b"a b c\n", {"model_type": "wordpiece"}, "unknown model type"),
-        (b"a b c\n", {"vocab_size": 100}, r"vocabulary size 100 is too small: this corpus needs \d+ pieces .* raise --vocab-size$"),
+        (b"a b c\n", {"vocab_size": 100},
+         r"vocabulary size 100 is too small: this corpus needs \d+ pieces .* raise --vocab-size$"),
         (b"a b c\n", {"character_coverage": 0.5}, "character coverage must be between 0.98 and 1.0, got 0.5"),
         (b"a b c\n", {"sample_size": -1}, "sample size must be 0 .* got -1"),
-        (b"a b c\n", {"user_defined_symbols": [""]}, "user-defined symbols must be non-empty and without spaces, got ''"),
+        (b"a b c\n", {"user_defined_symbols": [""]},
+         "user-defined symbols must be non-empty and without spaces, got ''"),
     ],
 )
 def test_errors_leave_no_model(tmp_path: Path, content: bytes | None, kwargs: dict, message: str) -> None:
@@ -105,7 +107,8 @@ def test_foreign_special_ids_rejected(tmp_path: Path, corpus_dir: Path) -> None:
     with pytest.raises(NmtError, match="not a valid SentencePiece model"):
         Tokenizer(b"garbage")
     (tmp_path / "s.en").write_text("a man\n")
-    with pytest.raises(NmtError, match=r"s.en: not a valid SentencePiece model \(expected a .model file from nmt tokenizer\)"):
+    with pytest.raises(NmtError, match=r"s.en: not a valid SentencePiece model "
+                                       r"\(expected a .model file from nmt tokenizer\)"):
         Tokenizer.load(tmp_path / "s.en")
 
 

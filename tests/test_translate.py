@@ -63,7 +63,7 @@ def test_empty_inputs_give_empty_translations(copy_model: Path) -> None:
     texts = ["", SOURCES[0], "   ", "\t", SOURCES[1], ""]
     results = tr.translate_nbest(texts)
     assert len(results) == len(texts)
-    for text, hypotheses in zip(texts, results):
+    for text, hypotheses in zip(texts, results, strict=True):
         if text.strip():
             assert len(hypotheses) == 3 and hypotheses[0].text == text
         else:
@@ -76,7 +76,7 @@ def test_empty_inputs_give_empty_translations(copy_model: Path) -> None:
 def test_nbest_sorted_with_scores_and_top_equals_one_best(models: dict[str, Path], model: str) -> None:
     nbest = translator(models[model], beam=5, nbest=3).translate_nbest(SOURCES)
     one = translator(models[model], beam=5, nbest=1).translate_nbest(SOURCES)
-    for hypotheses, single in zip(nbest, one):
+    for hypotheses, single in zip(nbest, one, strict=True):
         assert len(hypotheses) == 3
         scores = [h.score for h in hypotheses]
         assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)
@@ -105,7 +105,8 @@ def test_long_input_is_truncated_with_a_warning(copy_spm: Path) -> None:
     results = list(tr.translate_lines(["a dog runs", long, fits], first_line=7))
     out = [r.hypotheses for r in results]
     length = len(encode_source(tr.src_tokenizer, long))
-    assert [r.warning for r in results] == [None, f"line 8: {length} tokens, truncated to the model's limit of {limit}", None]
+    assert [r.warning for r in results] == [None, f"line 8: {length} tokens, truncated to the model's limit of {limit}",
+                                            None]
     # the truncated line translates as its first limit - 1 tokens plus EOS: the copy shows exactly that
     kept = encode_source(tr.src_tokenizer, long)[: limit - 1] + [EOS_ID]
     assert [r[0].tokens for r in out] == [encode_source(tr.src_tokenizer, "a dog runs"), kept,

@@ -61,7 +61,7 @@ _TENSORS = ("src", "src_mask", "tgt_in", "tgt_out")
 def _pad(rows: Sequence[Sequence[int]], lengths: np.ndarray, width: int) -> np.ndarray:
     """(B, width) int64 array of `rows`, right-padded with PAD_ID."""
     out = np.full((len(rows), width), PAD_ID, dtype=np.int64)
-    for row, (ids, n) in enumerate(zip(rows, lengths)):
+    for row, (ids, n) in enumerate(zip(rows, lengths, strict=True)):
         out[row, :n] = ids
     return out
 

@@ -105,7 +105,7 @@ class Cleaner:
     def filter_lengths(self, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> list[bool]:
         """Which encoded pairs pass the length and ratio rules (True = keep)."""
         keep = []
-        for s, t in zip(src, tgt):
+        for s, t in zip(src, tgt, strict=True):
             reason = self._length_reason(len(s), len(t))
             if reason:
                 self.counts.dropped[reason] += 1

@@ -175,7 +175,7 @@ def _read_held_out(name: str, source: PairSource, tmp: Path, scratch: Path, clea
             pairs = normalize_pairs(chunk, clean.normalization)
             writer.write(pairs)
             texts.writelines(json.dumps({"src": src, "ref": raw_tgt}, ensure_ascii=False) + "\n"
-                             for (src, _), (_, raw_tgt) in zip(pairs, chunk))
+                             for (src, _), (_, raw_tgt) in zip(pairs, chunk, strict=True))
             if clean.dedup:
                 held_out.update(pair_key(s, t) for s, t in pairs)
             counts.read += len(chunk)
@@ -211,7 +211,7 @@ class _ScratchWriter:
         return self
 
     def write(self, pairs: list[tuple[str, str]]) -> None:
-        for handle, side in zip(self._files, zip(*pairs)):
+        for handle, side in zip(self._files, zip(*pairs, strict=True), strict=False):
             handle.writelines(text + "\n" for text in side)
         self.count += len(pairs)
 
@@ -226,7 +226,8 @@ def _tokenizers(tokenizers: Tokenizers, scratch: Path, normalization: str, num_t
     if not isinstance(tokenizers, TokenizerTraining):
         return tuple(Tokenizer(t.model_bytes, normalization) for t in tokenizers)  # type: ignore[return-value]
     spec = tokenizers
-    groups = [("src", ["train.src"]), ("tgt", ["train.tgt"])] if spec.separate else [("spm", ["train.src", "train.tgt"])]
+    groups = ([("src", ["train.src"]), ("tgt", ["train.tgt"])] if spec.separate
+              else [("spm", ["train.src", "train.tgt"])])
     trained = []
     for prefix, names in groups:
         summary = train_sentencepiece(
@@ -241,7 +242,8 @@ LengthFilter = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], list
 
 
 def _encode(name: str, scratch: Path, directory: Path, tokenizers: tuple[Tokenizer, Tokenizer], dtype: Any,
-            filter_lengths: LengthFilter | None, num_threads: int, chunk_size: int, reporter: Reporter) -> dict[str, Any]:
+            filter_lengths: LengthFilter | None, num_threads: int, chunk_size: int,
+            reporter: Reporter) -> dict[str, Any]:
     """Encode one split's scratch text into its directory; returns its length statistics."""
     pairs = TextFiles(scratch / f"{name}.src", scratch / f"{name}.tgt")
     advance = reporter.task(f"encoding {name}", pairs.size(), "pairs")
@@ -251,8 +253,8 @@ def _encode(name: str, scratch: Path, directory: Path, tokenizers: tuple[Tokeniz
         tgt = tokenizers[1].encode_batch([t for _, t in chunk], num_threads)
         if filter_lengths is not None:
             keep = filter_lengths(src, tgt)
-            src = [ids for ids, k in zip(src, keep) if k]
-            tgt = [ids for ids, k in zip(tgt, keep) if k]
+            src = [ids for ids, k in zip(src, keep, strict=True) if k]
+            tgt = [ids for ids, k in zip(tgt, keep, strict=True) if k]
         writer.add(src, tgt)
         advance(len(chunk))
     stats = writer.close()

@@ -85,7 +85,7 @@ def _pack(order: np.ndarray, sizes: np.ndarray, max_tokens: int) -> list[list[in
     batches: list[list[int]] = []
     current: list[int] = []
     largest = 0
-    for index, size in zip(order.tolist(), sizes[order].tolist()):
+    for index, size in zip(order.tolist(), sizes[order].tolist(), strict=True):
         grown = max(largest, size)
         if current and grown * (len(current) + 1) > max_tokens:
             batches.append(current)

@@ -65,7 +65,7 @@ class TextFiles:
         return {"kind": "files", "src": str(self.src), "tgt": str(self.tgt)}
 
     def __iter__(self) -> Iterator[Pair]:
-        return zip(read_lines(self.src), read_lines(self.tgt))
+        return zip(read_lines(self.src), read_lines(self.tgt), strict=False)
 
 
 def field_value(row: dict[str, Any], path: str, where: str) -> str:
@@ -197,11 +197,13 @@ class HubDataset:
             if given:
                 fields.append(given)
             elif not lang:
-                raise NmtError(f"{self._where()}: give a language code or a field for each side (fields: {', '.join(columns)})")
+                raise NmtError(f"{self._where()}: give a language code or a field for each side "
+                               f"(fields: {', '.join(columns)})")
             elif nested:
                 languages = self._translation_languages()
                 if languages is not None and lang not in languages:
-                    raise NmtError(f"{self._where()}: no language {lang!r} in its translations ({', '.join(languages)})")
+                    raise NmtError(f"{self._where()}: no language {lang!r} in its translations "
+                                   f"({', '.join(languages)})")
                 fields.append(f"translation.{lang}")
             else:
                 fields.append(lang)

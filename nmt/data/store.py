@@ -98,7 +98,8 @@ class EncodedSplit:
     @classmethod
     def load(cls, directory: Path, dtype: np.dtype) -> EncodedSplit:
         texts = directory / TEXTS
-        return cls(_Side.load(directory, "src", dtype), _Side.load(directory, "tgt", dtype), texts if texts.is_file() else None)
+        return cls(_Side.load(directory, "src", dtype), _Side.load(directory, "tgt", dtype),
+                   texts if texts.is_file() else None)
 
     def __len__(self) -> int:
         return len(self._src.lengths)
@@ -141,7 +142,7 @@ class SplitWriter:
         self._lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
 
     def add(self, src: Sequence[Sequence[int]], tgt: Sequence[Sequence[int]]) -> None:
-        for side, rows in zip(SIDES, (src, tgt)):
+        for side, rows in zip(SIDES, (src, tgt), strict=True):
             self._lengths[side].append(np.array([len(r) for r in rows], dtype=np.int32))
             flat = np.fromiter((i for r in rows for i in r), dtype=self.dtype)
             self._ids[side].write(flat.tobytes())
@@ -205,7 +206,8 @@ class PreparedData:
             model = path / info[side]["file"]
             tokenizer = Tokenizer.load(model, meta["normalization"])
             if tokenizer.checksum != info[side]["sha256"]:
-                raise NmtError(f"{model}: tokenizer does not match the one the data was encoded with (see {path / META})")
+                raise NmtError(f"{model}: tokenizer does not match the one the data was encoded with "
+                               f"(see {path / META})")
             tokenizers.append(tokenizer)
         src, tgt = tokenizers
         return cls(path, meta, src, src if info["joint"] else tgt)

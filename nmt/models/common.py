@@ -46,12 +46,14 @@ class Seq2Seq(nn.Module):
         are already right and are not copied, which saves most of the state traffic of a beam step.
         """
         return {
-            key: value if not value.dim() or (within_sentences and key in self.sentence_keys) else value.index_select(0, index)
+            key: (value if not value.dim() or (within_sentences and key in self.sentence_keys)
+                  else value.index_select(0, index))
             for key, value in state.items()
         }
 
     def output_projection(self) -> Tensor:
-        """The (V, D) weight that maps `forward(..., features_only=True)` to logits: what the fused loss multiplies by."""
+        """The (V, D) weight that maps `forward(..., features_only=True)` to logits:
+        what the fused loss multiplies by."""
         return self.output.weight
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
@@ -71,7 +73,8 @@ class Embeddings(nn.Module):
                 f"and target {config.tgt_vocab_size}"
             )
         if config.share_embeddings and not config.joint_vocab:
-            raise NmtError("model.share_embeddings needs a joint vocabulary (joint_vocab); set share_embeddings = false")
+            raise NmtError("model.share_embeddings needs a joint vocabulary (joint_vocab); "
+                           "set share_embeddings = false")
         self.src = nn.Embedding(config.src_vocab_size, dim, padding_idx=PAD_ID)
         self.tgt = self.src if config.share_embeddings else nn.Embedding(config.tgt_vocab_size, dim, padding_idx=PAD_ID)
         self.scale = math.sqrt(dim)

@@ -88,7 +88,8 @@ class RNNSeq2Seq(Seq2Seq):
         check_choice("cell", config.cell, tuple(CELLS))
         check_choice("attention", config.attention, ATTENTIONS)
         if config.hidden_size % 2:
-            raise NmtError(f"model.hidden_size must be even (split over two encoder directions), got {config.hidden_size}")
+            raise NmtError(f"model.hidden_size must be even (split over two encoder directions), "
+                           f"got {config.hidden_size}")
         if config.enc_layers < 1 or config.dec_layers < 1:
             raise NmtError("model.enc_layers and model.dec_layers must be at least 1")
         self.config = config

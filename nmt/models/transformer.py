@@ -147,7 +147,8 @@ class DecoderLayer(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """x (B, T, D); without a cache T is the whole target (causal), with one T is 1 new token.
 
-        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, H, T, S) if asked.
+        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, H, T, S)
+        if asked.
         """
         out, kv = self.self_attn(self.res_self.inp(x), causal=cache is None, cache=cache)
         x = self.res_self.add(x, out)

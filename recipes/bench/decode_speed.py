@@ -45,7 +45,8 @@ class NoCacheDecoder:
         prefix = torch.zeros(memory.size(0), 0, dtype=torch.long, device=memory.device)
         return {"memory": memory, "src_mask": src_mask, "prefix": prefix}
 
-    def step(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def step(self, tokens: torch.Tensor,
+             state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = self.model
         prefix = torch.cat([state["prefix"], tokens[:, None]], dim=1)  # (B, t)
         x = m._with_positions(m.embed.target(prefix))
@@ -99,8 +100,8 @@ def measure_model(name: str, path: Path, texts: list[str], references: list[str]
         for label, model in paths:
             for beam in ((1, 5) if label == "kv-cache" else (5,)):
                 result = run(translator, model, sources, beam, latency_count, references)
-                rows.append({"model": name, "precision": label_precision, "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}",
-                             **result})
+                rows.append({"model": name, "precision": label_precision,
+                             "mode": f"{'greedy' if beam == 1 else 'beam 5'} {label}", **result})
                 if precision == "auto":
                     rows[-1]["note"] = "; ".join(filter(None, [translator.precision.reason, rows[-1]["note"]]))
                 print(rows[-1], flush=True)

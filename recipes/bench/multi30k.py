@@ -46,8 +46,8 @@ def main() -> None:
     for name, path in models:
         rows += [{"mode": "train", **row} for row in measure_all(
             args.data, [name], ["fp32", "bf16", "auto"], args.updates, args.warmup, args.max_tokens, args.threads)]
-        rows += measure_model(name, Path(path), texts, references, ["fp32", "bf16", "int8", "auto"], args.latency_sentences,
-                              args.batch_tokens, no_cache=False)
+        rows += measure_model(name, Path(path), texts, references, ["fp32", "bf16", "int8", "auto"],
+                              args.latency_sentences, args.batch_tokens, no_cache=False)
     print_table("Multi30k: training and decoding", rows, ["model", "mode", "precision", "tokens_per_s",
                                                           "mfu_model_count", "sentences_per_s", "peak_mib", "bleu",
                                                           "note"])

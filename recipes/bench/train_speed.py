@@ -31,7 +31,8 @@ from nmt.train import Trainer
 MODELS = {
     "transformer": [],
     "lstm": ["model.arch=rnn", "model.cell=lstm", "model.embed_dim=256", "model.hidden_size=512",
-             "model.enc_layers=2", "model.dec_layers=2", "model.dropout=0.3", "train.scheduler=plateau", "train.warmup=0"],
+             "model.enc_layers=2", "model.dec_layers=2", "model.dropout=0.3", "train.scheduler=plateau",
+             "train.warmup=0"],
 }
 
 
@@ -118,7 +119,8 @@ def main() -> None:
                                               "ceiling_before", "ceiling_after", "peak_mib", "note"])
     for row in rows:
         if "profile" in row:
-            print(f"{row['model']} {row['precision']}: " + ", ".join(f"{p['op']} {p['share']:.0%}" for p in row["profile"]))
+            print(f"{row['model']} {row['precision']}: "
+                  + ", ".join(f"{p['op']} {p['share']:.0%}" for p in row["profile"]))
     write_json(args.out, {"machine": machine(), "results": rows})
 
 
