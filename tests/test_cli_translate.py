@@ -59,7 +59,7 @@ def test_stdin_to_stdout_copies_exactly(copy_model: Path) -> None:
     assert result.stderr == b""
 
 
-def _read_line(stream, timeout: float = 120) -> bytes:  # noqa: ANN001
+def _read_line(stream, timeout: float = 120) -> bytes:
     ready, _, _ = select.select([stream], [], [], timeout)
     assert ready, "no translation arrived while stdin stayed open"
     return stream.readline()

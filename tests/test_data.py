@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_parallel
 
+from conftest import make_parallel
 from nmt.data import (
     CleanConfig,
     EncodedSplit,

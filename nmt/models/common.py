@@ -1,8 +1,16 @@
 """What every architecture shares: the interface base class, embeddings and the output layer.
 
 `Seq2Seq` holds the parts of the model interface that do not depend on the
-architecture (parameter count, state reordering, float32 log-probs), so search
-and training code can treat a Transformer and an RNN alike.
+architecture (parameter count, state reordering, float32 log-probs, the output
+projection), so search and training code can treat a Transformer and an RNN alike.
+
+The letters of every shape comment in nmt, one legend for all modules:
+    B  sentences in a batch (or rows of a decoder state: sentences x beams)
+    S  source length, T target length, t target tokens decoded so far (all with BOS/EOS)
+    D  model width (d_model), Dh per-head width, H attention heads, L layers
+    E  RNN embedding width, C RNN hidden size, V vocabulary size
+    in search: N live sentences, W live beams per sentence, K candidates kept per sentence,
+    R rows searched (N x W, or sentences x samples), n size of the n-best list
 """
 
 from __future__ import annotations

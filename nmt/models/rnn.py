@@ -11,7 +11,7 @@ tied to the target embedding whatever the hidden size.
 
 The recurrent state is a tuple of tensors (h, c) for an LSTM, (h,) otherwise; it
 is stored batch-first as "hidden.0", "hidden.1" so `reorder_state` treats it like
-everything else, and converted to torch's (layers, B, H) layout in one place.
+everything else, and converted to torch's (layers, B, C) layout in one place.
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ class Attention(nn.Module):
         self.score = nn.Linear(dim, 1, bias=False) if additive else None
 
     def keys(self, memory: Tensor) -> Tensor:
-        """What queries are compared with, (B, S, H): computed once per sentence."""
+        """What queries are compared with, (B, S, C): computed once per sentence."""
         return memory if self.key is None else self.key(memory)
 
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """query (B, T, H), keys/values (B, S, H), mask (B, S) -> context (B, T, H), weights (B, T, S)."""
+        """query (B, T, C), keys/values (B, S, C), mask (B, S) -> context (B, T, C), weights (B, T, S)."""
         q = query if self.query is None else self.query(query)
         if self.score is None:
             scores = q @ keys.transpose(1, 2)  # (B, T, S)
@@ -126,14 +126,14 @@ class RNNSeq2Seq(Seq2Seq):
         self.embed.reset_parameters()
 
     def encode(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """src (B, S), src_mask (B, S) -> outputs (B, S, H) and the last layer's final
-        [forward; backward] state, one (B, H) tensor per state part."""
+        """src (B, S), src_mask (B, S) -> outputs (B, S, C) and the last layer's final
+        [forward; backward] state, one (B, C) tensor per state part."""
         lengths = src_mask.sum(dim=1).cpu()
         embedded = self.dropout(self.embed.source(src))  # (B, S, E)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         outputs, hidden = run_recurrent(self.encoder, packed)
-        outputs = pad_packed_sequence(outputs, batch_first=True, total_length=src.size(1))[0]  # (B, S, H)
-        final = tuple(torch.cat([part[-2], part[-1]], dim=-1) for part in state_parts(hidden))  # (B, H) each
+        outputs = pad_packed_sequence(outputs, batch_first=True, total_length=src.size(1))[0]  # (B, S, C)
+        final = tuple(torch.cat([part[-2], part[-1]], dim=-1) for part in state_parts(hidden))  # (B, C) each
         return self.dropout(outputs), final
 
     def init_state(
@@ -150,7 +150,7 @@ class RNNSeq2Seq(Seq2Seq):
         state = {"memory": outputs, "src_mask": src_mask}
         for i, part in enumerate(final):
             state[f"hidden.{i}"] = (
-                torch.tanh(self.bridge[i](part)).view(batch, layers, size)  # (B, L, H)
+                torch.tanh(self.bridge[i](part)).view(batch, layers, size)  # (B, L, C)
                 if self.bridge is not None else outputs.new_zeros(batch, layers, size)
             )
         keys = self.attention.keys(outputs)
@@ -163,11 +163,11 @@ class RNNSeq2Seq(Seq2Seq):
         return state
 
     def _torch_hidden(self, state: State) -> Hidden:
-        """The batch-first state parts in torch's (layers, B, H) layout."""
+        """The batch-first state parts in torch's (layers, B, C) layout."""
         return torch_hidden(tuple(state[f"hidden.{i}"].transpose(0, 1).contiguous() for i in range(self.parts)))
 
     def _attend(self, outputs: Tensor, state: State) -> tuple[Tensor, Tensor]:
-        """Decoder outputs (B, T, H) -> attentional vectors (B, T, E) and attention weights (B, T, S)."""
+        """Decoder outputs (B, T, C) -> attentional vectors (B, T, E) and attention weights (B, T, S)."""
         keys = state.get("keys", state["memory"])
         context, weights = self.attention(outputs, keys, state["memory"], state["src_mask"])
         vectors = torch.tanh(self.combine(torch.cat([context, outputs], dim=-1)))
@@ -191,10 +191,10 @@ class RNNSeq2Seq(Seq2Seq):
             new["feed"] = feed
             vectors, weights = torch.cat(all_vectors, dim=1), torch.cat(all_weights, dim=1)
         else:
-            outputs, hidden = run_recurrent(self.decoder, embedded, hidden)  # (B, T, H)
+            outputs, hidden = run_recurrent(self.decoder, embedded, hidden)  # (B, T, C)
             vectors, weights = self._attend(outputs, state)
         for i, part in enumerate(state_parts(hidden)):
-            new[f"hidden.{i}"] = part.transpose(0, 1)  # (B, L, H)
+            new[f"hidden.{i}"] = part.transpose(0, 1)  # (B, L, C)
         if "attention" in state:
             new["attention"] = weights[:, -1:]  # (B, 1, S)
         return vectors, new
@@ -215,10 +215,10 @@ class RNNSeq2Seq(Seq2Seq):
         """Forward FLOPs per target token: 2 x multiply-adds of every matrix product.
 
         With G weight blocks per cell (LSTM 4, GRU 3, RNN 1), a layer of n units reading m inputs costs
-        G(mn + n^2) per token: the encoder pays it per source token, layer and direction (n = H/2),
-        the decoder per target token and layer (n = H, m = 2E with input feeding). Attention costs 2SH
-        per target token (scores and context), plus H^2 for the "general"/"bahdanau" query, SH for the
-        additive score and H^2 per source token for its keys. Add 2HE for the attentional vector,
+        G(mn + n^2) per token: the encoder pays it per source token, layer and direction (n = C/2),
+        the decoder per target token and layer (n = C, m = 2E with input feeding). Attention costs 2SC
+        per target token (scores and context), plus C^2 for the "general"/"bahdanau" query, SC for the
+        additive score and C^2 per source token for its keys. Add 2CE for the attentional vector,
         EV for the output layer and the bridge once per sentence; elementwise work is ignored.
         """
         c = self.config

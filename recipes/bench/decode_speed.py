@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, matmul_gflops, peak_memory, print_table, write_json
 
+from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
 from nmt.device import autocast, tune_cpu
 from nmt.evaluate import corpus_scores

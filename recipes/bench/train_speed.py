@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from torch.profiler import ProfilerActivity, profile
 
+from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.config import Config, merge, parse_overrides
 from nmt.precision import cpu_has_native_bf16
 from nmt.train import Trainer
