@@ -11,6 +11,7 @@ import typer
 from cli.attention import attention
 from cli.common import on_sigterm
 from cli.evaluate import evaluate
+from cli.export import export
 from cli.plot import plot
 from cli.prepare import prepare
 from cli.serve import serve
@@ -55,6 +56,7 @@ app.command(name="average")(average)
 app.command(name="eval")(evaluate)
 app.command(name="attention")(attention)
 app.command(name="plot")(plot)
+app.command(name="export")(export)
 app.command(name="serve")(serve)
 
 

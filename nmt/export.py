@@ -1,0 +1,191 @@
+"""nmt checkpoint -> CTranslate2 folder, for every Transformer nmt trains.
+
+The folder is what CTranslate2 loads (`model.bin`, `config.json`, the vocabularies) plus
+what nmt needs to translate exactly as its own translator does: the SentencePiece models
+(copied byte for byte), and `nmt.json` with the normalisation and the decoding defaults,
+so the folder describes itself. The mapping onto `TransformerSpec` follows CTranslate2's
+own fairseq and OpenNMT-py converters; the parts where nmt differs from their defaults:
+
+- positions: nmt's table is passed as the model's position encodings (nmt's sinusoids
+  interleave sin and cos, CTranslate2 would generate its own concatenated layout);
+- embeddings are scaled by sqrt(d_model), which is CTranslate2's `scale_embeddings`;
+- the source ends with EOS and the target starts with BOS, exactly as `encode_source` and
+  the search do; the vocabularies are the SentencePiece pieces in id order, so every
+  id means the same token in both engines (<pad>, <unk>, <s>, </s> at 0-3).
+
+`ctranslate2` is an optional extra, imported only here and in `nmt.engines`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from nmt import __version__
+from nmt.checkpoint import Checkpoint, load_checkpoint
+from nmt.config import DecodeConfig, ModelConfig, from_dict
+from nmt.errors import NmtError
+from nmt.io import atomic_dir, check_output_dir
+from nmt.models.transformer import sinusoids
+from nmt.tokenizer import BOS_PIECE, EOS_PIECE, UNK_PIECE, Tokenizer
+
+FORMATS = ("ctranslate2",)
+QUANTIZATIONS = ("none", "int8", "int16", "float16")
+MANIFEST = "nmt.json"
+MANIFEST_FORMAT = "nmt-ctranslate2"
+LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which every nmt LayerNorm uses
+INSTALL_HINT = "CTranslate2 is not installed; install it with: pip install 'nmt[ct2]'"
+
+
+def require_ctranslate2() -> ModuleType:
+    """Import ctranslate2, or say in one line how to install it."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise NmtError(INSTALL_HINT) from None
+    return ctranslate2
+
+
+def export_checkpoint(checkpoint_path: Path, output: Path, *, format: str = "ctranslate2", quantize: str = "none",
+                      overwrite: bool = False) -> Path:
+    """Write the CTranslate2 folder of a Transformer checkpoint; the folder is renamed into place
+    when complete (nmt.io.atomic_dir), so its files appear all at once or not at all."""
+    if format not in FORMATS:
+        raise NmtError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZATIONS:
+        raise NmtError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint.config.model.arch != "transformer":
+        raise NmtError(f"{checkpoint_path}: an {checkpoint.config.model.arch.upper()} checkpoint; CTranslate2 has no "
+                       "recurrent models, so only Transformers can be exported")
+    check_output_dir(output, overwrite)  # fail before the (slow) conversion, not after
+    ctranslate2 = require_ctranslate2()
+    spec = transformer_spec(ctranslate2, checkpoint)
+    spec.validate()
+    spec.optimize(quantization=None if quantize == "none" else quantize)
+    with atomic_dir(output, overwrite) as tmp:
+        spec.save(str(tmp))
+        files = write_tokenizers(tmp, checkpoint)
+        manifest = manifest_of(checkpoint, files, quantize)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return output
+
+
+def transformer_spec(ctranslate2: ModuleType, checkpoint: Checkpoint) -> Any:
+    """The `TransformerSpec` holding the checkpoint's weights (float32 numpy arrays)."""
+    specs = ctranslate2.specs
+    config = checkpoint.config.model
+    weights = {name: value.detach().float().cpu().numpy() for name, value in checkpoint.model_state.items()}
+    activation = specs.Activation.RELU if config.activation == "relu" else specs.Activation.GELU
+    spec = specs.TransformerSpec.from_config((config.enc_layers, config.dec_layers), config.heads,
+                                             pre_norm=config.norm == "pre", activation=activation)
+    positions = (weights["learned_positions.weight"] if config.positions == "learned"
+                 else sinusoids(config.max_positions, config.d_model).numpy())
+    encoder, decoder = spec.encoder, spec.decoder
+    encoder.embeddings[0].weight = weights["embed.src.weight"]
+    decoder.embeddings.weight = weights["embed.tgt.weight"]
+    for stack in (encoder, decoder):
+        stack.scale_embeddings = True  # nmt reads embeddings through sqrt(d_model)
+        stack.position_encodings.encodings = positions
+    decoder.projection.weight = weights["output.weight"]
+    for i, layer in enumerate(encoder.layer):
+        prefix = f"encoder.{i}."
+        set_attention(layer.self_attention, weights, prefix + "attn.", ["qkv"], prefix + "res_attn.norm")
+        set_ffn(layer.ffn, weights, prefix)
+    for i, layer in enumerate(decoder.layer):
+        prefix = f"decoder.{i}."
+        set_attention(layer.self_attention, weights, prefix + "self_attn.", ["qkv"], prefix + "res_self.norm")
+        set_attention(layer.attention, weights, prefix + "cross_attn.", ["q", "kv"], prefix + "res_cross.norm")
+        set_ffn(layer.ffn, weights, prefix)
+    if config.norm == "pre":
+        set_layer_norm(encoder.layer_norm, weights, "encoder_norm")
+        set_layer_norm(decoder.layer_norm, weights, "decoder_norm")
+    spec.config.unk_token, spec.config.bos_token, spec.config.eos_token = UNK_PIECE, BOS_PIECE, EOS_PIECE
+    spec.config.decoder_start_token = BOS_PIECE  # nmt's decoder starts from BOS ...
+    spec.config.add_source_eos = True  # ... and reads the source followed by EOS (encode_source)
+    spec.config.layer_norm_epsilon = LAYER_NORM_EPSILON
+    spec.register_source_vocabulary(pieces(checkpoint.src_tokenizer))
+    spec.register_target_vocabulary(pieces(checkpoint.tgt_tokenizer))
+    return spec
+
+
+def set_attention(spec: Any, weights: dict[str, np.ndarray], prefix: str, projections: list[str], norm: str) -> None:
+    """nmt's fused projections are CTranslate2's layout already: Q|K|V (self) or Q, then K|V (cross), then out."""
+    for linear, name in zip(spec.linear, [*projections, "out"], strict=True):
+        set_linear(linear, weights, prefix + name)
+    set_layer_norm(spec.layer_norm, weights, norm)
+
+
+def set_ffn(spec: Any, weights: dict[str, np.ndarray], prefix: str) -> None:
+    set_linear(spec.linear_0, weights, prefix + "ffn.0")
+    set_linear(spec.linear_1, weights, prefix + "ffn.3")
+    set_layer_norm(spec.layer_norm, weights, prefix + "res_ffn.norm")
+
+
+def set_linear(spec: Any, weights: dict[str, np.ndarray], name: str) -> None:
+    spec.weight = weights[f"{name}.weight"]
+    spec.bias = weights[f"{name}.bias"]
+
+
+def set_layer_norm(spec: Any, weights: dict[str, np.ndarray], name: str) -> None:
+    spec.gamma = weights[f"{name}.weight"]
+    spec.beta = weights[f"{name}.bias"]
+
+
+def pieces(tokenizer: Tokenizer) -> list[str]:
+    """The vocabulary in id order, so a CTranslate2 token is the nmt id of the same position."""
+    return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+
+
+def write_tokenizers(folder: Path, checkpoint: Checkpoint) -> dict[str, str]:
+    """Copy the SentencePiece models (one file when the vocabulary is joint); their names by side."""
+    joint = checkpoint.src_tokenizer.model_bytes == checkpoint.tgt_tokenizer.model_bytes
+    names = {"src": "spm.model", "tgt": "spm.model"} if joint else {"src": "src.model", "tgt": "tgt.model"}
+    for side, tokenizer in (("src", checkpoint.src_tokenizer), ("tgt", checkpoint.tgt_tokenizer)):
+        (folder / names[side]).write_bytes(tokenizer.model_bytes)
+    return names
+
+
+def manifest_of(checkpoint: Checkpoint, tokenizers: dict[str, str], quantize: str) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "nmt_version": __version__,
+        "engine": "ctranslate2",
+        "quantization": quantize,
+        "normalization": checkpoint.src_tokenizer.normalization,
+        "tokenizers": tokenizers,
+        "max_positions": checkpoint.config.model.max_positions,
+        "decode": asdict(checkpoint.config.decode),
+        "model": asdict(checkpoint.config.model),
+    }
+
+
+class ExportedModel:
+    """What `nmt.json` describes: the tokenizers, the decoding defaults and the model's length limit."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not folder.is_dir():
+            raise NmtError(f"{folder}: not a folder; --engine ctranslate2 reads a folder written by nmt export")
+        if not path.is_file():
+            raise NmtError(f"{folder}: no {MANIFEST}; --engine ctranslate2 reads a folder written by nmt export")
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise NmtError(f"{path}: not an nmt export manifest")
+            normalization = manifest["normalization"]
+            self.src_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["src"], normalization)
+            self.tgt_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["tgt"], normalization)
+            self.decode: DecodeConfig = from_dict({"decode": manifest["decode"]}).decode
+            self.model: ModelConfig = from_dict({"model": manifest["model"]}).model
+            self.max_positions: int = int(manifest["max_positions"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise NmtError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
+        self.folder = folder
