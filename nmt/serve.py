@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from nmt.errors import NmtError
 from nmt.service import ServeError, Service, TranslateRequest
 from nmt.translate import LineResult
 
@@ -52,9 +54,13 @@ def error(status: int, message: str, retry_after: int | None = None) -> JSONResp
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request) -> TranslateBody:
+async def read_body(request: Request, max_chars: int) -> TranslateBody:
     """JSON strictly typed; form-encoded as LibreTranslate takes it (strings, `q` repeated for a list)."""
-    raw = await request.body()
+    raw = bytearray()
+    async for chunk in request.stream():  # a body far beyond --max-chars is refused before it is all read
+        raw += chunk
+        if len(raw) > 12 * max_chars + 65536:  # one character: up to 12 bytes of JSON escapes
+            raise ServeError(413, f"the request body is far larger than {max_chars} characters")
     form = request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
     try:
         if form:
@@ -122,7 +128,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/translate")
     async def translate(request: Request) -> dict[str, Any]:
-        body = await read_body(request)
+        body = await read_body(request, service.limits.max_chars)
         texts = [body.q] if isinstance(body.q, str) else body.q
         results = await service.translate(TranslateRequest(texts, body.source, body.target, body.alternatives,
                                                            body.beam, body.alpha, body.nbest))
@@ -186,4 +192,13 @@ def serve(service: Service, listen: Listen, device: str, precision: str) -> None
     config = uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=int(listen.grace) + 5, lifespan="on")
     server = GracefulServer(config, service, listen.grace)
-    server.run()
+    server.run(sockets=[bind(listen.host, listen.port)])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen before anything loads, so that a taken port or an unknown host is a one-line error."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    except OSError as exc:
+        raise NmtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None

@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -184,6 +185,13 @@ def test_too_many_sentences_or_characters_are_413(tiny_server: Server) -> None:
     assert chars.status_code == 413 and chars.json() == {"error": "101 characters in one request; the limit is 100"}
 
 
+def test_a_body_far_beyond_max_chars_is_413_before_it_is_read(tiny_server: Server) -> None:
+    answer = httpx.post(f"{tiny_server.url}/translate", content=b"x" * (12 * 100 + 65537),
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+    assert answer.json() == {"error": "the request body is far larger than 100 characters"}
+
+
 def test_timeout_is_504_and_a_full_queue_503_with_retry_after(tiny_server: Server) -> None:
     async def both() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=tiny_server.url, timeout=30) as client:
@@ -237,7 +245,7 @@ async def terminate_under_load(server: Server, count: int) -> list[tuple[str, ht
         tasks = [asyncio.create_task(one(n)) for n in range(count)]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # wait until no request is still on its way to the queue
-            queued = (await client.get("/health")).json()["queued"]
+            queued = httpx.get(f"{server.url}/health").json()["queued"]  # not through the pool the requests fill
             if queued + sum(task.done() for task in tasks) == count:
                 break
             await asyncio.sleep(0.01)
@@ -245,14 +253,18 @@ async def terminate_under_load(server: Server, count: int) -> list[tuple[str, ht
         return await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
 
-def test_sigterm_under_load_answers_every_request_completely(copy_model: Path, tmp_path: Path) -> None:
-    """Requests queued at SIGTERM get their translation or a 503, never half a response; the server exits 0."""
-    slow = ["--max-wait-ms", "200", "--max-batch-tokens", "16", "--grace", "0"]  # many small batches still queued
-    with running_server(copy_model, tmp_path, *slow) as server:
+@pytest.mark.parametrize("grace", ["30", "0"])
+def test_sigterm_under_load_answers_every_request_completely(copy_model: Path, tmp_path: Path, grace: str) -> None:
+    """Requests queued at SIGTERM are translated within --grace, else get 503; never half a response; exit 0."""
+    held = ["--max-wait-ms", "10000", "--max-batch-tokens", "100000", "--grace", grace]  # all wait in the queue
+    with running_server(copy_model, tmp_path, *held) as server:
         answers = asyncio.run(terminate_under_load(server, 64))
         assert server.stop() == 0, server.log.read_text()
     statuses = [response.status_code for _, response in answers]
-    assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+    if grace == "30":
+        assert set(statuses) == {200}, statuses  # the queued requests finish within the grace period
+    else:
+        assert 503 in statuses and set(statuses) <= {200, 503}, statuses  # no grace: they are abandoned
     for text, response in answers:
         expected = {"translatedText": text} if response.status_code == 200 else {
             "error": "the server shut down before this request was translated"}
@@ -283,7 +295,20 @@ def test_command_line_errors_are_one_line(copy_model: Path, monkeypatch: pytest.
     assert result.output.strip() == refusal
     result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de", "--pair", "de-en"])
     assert result.exit_code == 1 and "give one --pair per --model: 1 model(s), 2 pair(s)" in result.output
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de", "--port", str(port), *CPU])
+    assert result.exit_code == 1 and result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
     monkeypatch.setitem(sys.modules, "nmt.serve", None)  # as if FastAPI and uvicorn were not installed
     result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'nmt[serve]'" in result.output
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(app, ["serve", "-m", str(broken), "--pair", "en-de", "--port", "0", *CPU])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"error: {broken}: not an nmt checkpoint " \
+                                             "(not a file written by nmt train or nmt average)"
