@@ -150,6 +150,8 @@ def create_app(service: Service) -> FastAPI:
 
 @dataclass(frozen=True)
 class Listen:
+    """Where the server listens, and how long a shutdown waits for the requests already queued."""
+
     host: str = "127.0.0.1"
     port: int = 5000
     grace: float = 30.0  # seconds queued requests get to finish after SIGTERM/SIGINT, then 503
