@@ -21,7 +21,7 @@ def plot(
     metrics = [read_metrics(run) for run in runs]
     training_curves(metrics, output)
     rows: list[tuple[str, object]] = []
-    for label, run in zip(run_labels(metrics), metrics):
+    for label, run in zip(run_labels(metrics), metrics, strict=True):
         losses = run.series[("valid", "loss")][1]
         bleus = run.series[("valid", "bleu")][1]
         best = [f"{run.last_update:,} updates"]

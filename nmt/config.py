@@ -210,7 +210,7 @@ def _coerce(name: str, current: Any, value: Any) -> Any:
             return value
     elif isinstance(current, tuple):
         if isinstance(value, (list, tuple)) and len(value) == len(current):
-            return tuple(_coerce(name, c, v) for c, v in zip(current, value))
+            return tuple(_coerce(name, c, v) for c, v in zip(current, value, strict=True))
     elif isinstance(current, str):
         if isinstance(value, str):
             return value

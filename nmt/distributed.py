@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch

@@ -60,7 +60,8 @@ def _panels(amap: AttentionMap) -> list[list[tuple[str, Tensor]]]:
             rows.append([(f"layer {layer + 1}" if layers > 1 else "attention", amap.weights[layer])])
         else:
             rows.append([(f"layer {layer + 1}, heads averaged", amap.weights[layer])]
-                        + [(f"layer {layer + 1}, head {h + 1}", amap.heads[layer, h]) for h in range(amap.heads.size(1))])
+                        + [(f"layer {layer + 1}, head {h + 1}", amap.heads[layer, h])
+                           for h in range(amap.heads.size(1))])
     return rows
 
 
@@ -73,8 +74,8 @@ def attention_png(amap: AttentionMap, path: Path) -> None:
     height = len(rows) * (target * CELL_INCHES + 0.9 + label * max(map(len, amap.source))) + 0.8  # + title
     figure = figure_class()(figsize=(max(width, 4.0), max(height, 3.0)), layout="constrained")
     axes = figure.subplots(len(rows), len(rows[0]), squeeze=False)
-    for row, row_axes in zip(rows, axes):
-        for (title, matrix), ax in zip(row, row_axes):
+    for row, row_axes in zip(rows, axes, strict=True):
+        for (title, matrix), ax in zip(row, row_axes, strict=True):
             image = ax.imshow(matrix.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks(range(source), amap.source, rotation=90, fontsize=8)
             ax.set_yticks(range(target), amap.target, fontsize=8)
@@ -92,10 +93,11 @@ def _table(title: str, matrix: Tensor, source: list[str], target: list[str]) -> 
     """A heatmap as an HTML table: cell opacity is the weight, the tooltip gives the number."""
     head = "".join(f"<th class=c><span>{html.escape(p)}</span></th>" for p in source)
     body = []
-    for piece, weights in zip(target, matrix.tolist()):
+    for piece, weights in zip(target, matrix.tolist(), strict=True):
         cells = "".join(
-            f'<td style="background:rgba(8,69,148,{w:.3f})" title="{html.escape(piece)} ← {html.escape(s)}: {w:.3f}"></td>'
-            for s, w in zip(source, weights)
+            f'<td style="background:rgba(8,69,148,{w:.3f})" '
+            f'title="{html.escape(piece)} ← {html.escape(s)}: {w:.3f}"></td>'
+            for s, w in zip(source, weights, strict=True)
         )
         body.append(f"<tr><th class=r>{html.escape(piece)}</th>{cells}</tr>")
     return (f"<figure><figcaption>{html.escape(title)}</figcaption><table>"
@@ -122,7 +124,9 @@ def attention_html(maps: Sequence[AttentionMap], path: Path, title: str = "Cross
     sections = []
     for amap in maps:
         layers = "".join(  # one line of maps per layer
-            "<div class=maps>" + "".join(_table(name, matrix, amap.source, amap.target) for name, matrix in row) + "</div>"
+            "<div class=maps>"
+            + "".join(_table(name, matrix, amap.source, amap.target) for name, matrix in row)
+            + "</div>"
             for row in _panels(amap)
         )
         sections.append(
@@ -159,7 +163,7 @@ def write_attention(maps: Sequence[AttentionMap], directory: Path, png: bool = T
         attention_html(maps, tmp / names[0])
         if png:
             advance = reporter.task("drawing", len(maps), "sentences")
-            for amap, name in zip(maps, names[1:]):
+            for amap, name in zip(maps, names[1:], strict=True):
                 attention_png(amap, tmp / name)
                 advance(1)
     return [directory / name for name in names]
@@ -223,9 +227,9 @@ def training_curves(runs: Sequence[RunMetrics], path: Path) -> None:
     figure = figure_class()(figsize=(11, 7.5), layout="constrained")
     axes = figure.subplots(2, 2).flatten()
     labels = run_labels(runs)
-    for ax, (kind, key, title) in zip(axes, CURVES):
+    for ax, (kind, key, title) in zip(axes, CURVES, strict=True):
         drawn = False
-        for index, (run, label) in enumerate(zip(runs, labels)):
+        for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
             updates, values = run.series[(kind, key)]
             if updates:
                 ax.plot(updates, values, color=f"C{index % 10}", label=label,

@@ -5,8 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from nmt.config import (Config, defaults_for, from_dict, load_config, merge, parse_overrides, resolve, to_dict, to_toml,
-                        validate)
+from nmt.config import (
+    Config,
+    defaults_for,
+    from_dict,
+    load_config,
+    merge,
+    parse_overrides,
+    resolve,
+    to_dict,
+    to_toml,
+    validate,
+)
 from nmt.errors import NmtError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "multi30k"
@@ -15,7 +25,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "multi30k"
 def test_overrides_are_typed_and_merged_in_order() -> None:
     config = Config()
     merge(config, defaults_for("gru"))
-    merge(config, parse_overrides(["train.lr=0.002", "model.norm=post", "train.adam_betas=[0.9, 0.99]", "train.data=a/b", "train.max_minutes=5"]))
+    merge(config, parse_overrides(["train.lr=0.002", "model.norm=post", "train.adam_betas=[0.9, 0.99]",
+                                   "train.data=a/b", "train.max_minutes=5"]))
     assert (config.model.arch, config.model.cell, config.train.scheduler) == ("rnn", "gru", "plateau")
     assert config.train.lr == 0.002 and config.model.norm == "post"
     assert config.train.adam_betas == (0.9, 0.99)

@@ -37,7 +37,8 @@ def test_cosine_schedule_values() -> None:
 
 
 def test_plateau_decays_after_patience_and_respects_floor() -> None:
-    schedule = LearningRate(TrainConfig(lr=1e-3, warmup=0, scheduler="plateau", plateau_patience=2, plateau_factor=0.5, min_lr=3e-4), 256)
+    config = TrainConfig(lr=1e-3, warmup=0, scheduler="plateau", plateau_patience=2, plateau_factor=0.5, min_lr=3e-4)
+    schedule = LearningRate(config, 256)
     assert schedule.observe(10.0, True) is False
     assert schedule.observe(9.0, True) is False
     assert schedule.observe(9.5, True) is True
@@ -89,7 +90,8 @@ def test_label_smoothing_matches_hand_computation() -> None:
         expected_loss += (1 - eps) * -logp[gold] + eps * sum(-lp for lp in logp) / 4
     assert nll.item() == pytest.approx(expected_nll, rel=1e-6)
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
-    reference = torch.nn.functional.cross_entropy(logits[0], target[0], ignore_index=PAD_ID, label_smoothing=eps, reduction="sum")
+    reference = torch.nn.functional.cross_entropy(logits[0], target[0], ignore_index=PAD_ID, label_smoothing=eps,
+                                                  reduction="sum")
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     plain, _ = label_smoothed_loss(logits, identity, target, 0.0)
     assert plain.item() == pytest.approx(expected_nll, rel=1e-6)

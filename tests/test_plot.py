@@ -95,9 +95,10 @@ def test_html_cells_show_the_weights(tmp_path: Path) -> None:
     amap = make_map(1, layers=1, heads=None)
     attention_html([amap], tmp_path / "page.html")
     text = (tmp_path / "page.html").read_text(encoding="utf-8")
-    for row, piece in zip(amap.weights[0].tolist(), amap.target):
-        for weight, source in zip(row, amap.source):
-            assert f'rgba(8,69,148,{weight:.3f})" title="{html.escape(piece)} ← {html.escape(source)}: {weight:.3f}"' in text
+    for row, piece in zip(amap.weights[0].tolist(), amap.target, strict=True):
+        for weight, source in zip(row, amap.source, strict=True):
+            cell = f'rgba(8,69,148,{weight:.3f})" title="{html.escape(piece)} ← {html.escape(source)}: {weight:.3f}"'
+            assert cell in text
 
 
 def test_pngs_and_overwrite_rules(tmp_path: Path) -> None:
@@ -122,7 +123,8 @@ def test_attention_command(joint_spm: Path, tmp_path: Path) -> None:
     translator = make_translator(joint_spm, TRANSFORMER)
     translator.checkpoint.save(tmp_path / "model.pt")
     (tmp_path / "in.txt").write_text("a man runs\n\nthe girl plays\n", encoding="utf-8")
-    args = ["attention", "-m", str(tmp_path / "model.pt"), "-i", str(tmp_path / "in.txt"), "--device", "cpu", "--threads", "1"]
+    args = ["attention", "-m", str(tmp_path / "model.pt"), "-i", str(tmp_path / "in.txt"), "--device", "cpu",
+            "--threads", "1"]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "att"), "--heads", "--beam", "1"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "att").iterdir()) == ["index.html", "line_0001.png", "line_0003.png"]
@@ -150,7 +152,8 @@ def test_attention_command_errors(joint_spm: Path, tmp_path: Path, no_matplotlib
 def test_plot_command_on_a_real_run(toy_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
-    Trainer(make_config(toy_data, run, "train.max_updates=4", "train.valid_every=2", "train.valid_max_sentences=4")).train()
+    Trainer(make_config(toy_data, run, "train.max_updates=4", "train.valid_every=2",
+                        "train.valid_max_sentences=4")).train()
     metrics = read_metrics(run)
     assert metrics.series[("train", "loss")][0] == [1, 2, 3, 4]
     assert metrics.series[("valid", "bleu")][0] == [2, 4]

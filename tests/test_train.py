@@ -36,9 +36,11 @@ def parameters(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model", ["transformer", "lstm"])
 def test_resume_is_bitwise_identical(toy_data: Path, tmp_path: Path, model: str) -> None:
-    extra = ["train.max_tokens=2000", "train.accum_steps=2", "train.valid_every=3", "train.valid_max_sentences=8", "model.dropout=0.2"]
+    extra = ["train.max_tokens=2000", "train.accum_steps=2", "train.valid_every=3", "train.valid_max_sentences=8",
+             "model.dropout=0.2"]
     if model == "lstm":
-        extra += ["model.arch=rnn", "model.embed_dim=32", "model.hidden_size=32", "model.enc_layers=1", "model.dec_layers=1"]
+        extra += ["model.arch=rnn", "model.embed_dim=32", "model.hidden_size=32", "model.enc_layers=1",
+                  "model.dec_layers=1"]
     straight = Trainer(make_config(toy_data, tmp_path / "a", "train.max_updates=11", *extra)).train()
     first = Trainer(make_config(toy_data, tmp_path / "b", "train.max_updates=5", *extra)).train()
     assert first.stop_reason == "max_updates" and first.updates == 5
@@ -78,9 +80,10 @@ def test_resume_reset_and_errors(toy_data: Path, tmp_path: Path) -> None:
     with pytest.raises(NmtError, match="best_metric bleu needs train.valid_bleu"):
         Trainer(make_config(toy_data, tmp_path / "z", "train.valid_bleu=false"))
     run = tmp_path / "r"
-    Trainer(make_config(toy_data, run, "train.max_updates=2", "train.valid_bleu=false", "train.best_metric=loss")).train()
-    trainer = Trainer(make_config(toy_data, run, "train.max_updates=3", "train.valid_bleu=false", "train.best_metric=loss"),
-                      resume=True, reset=("optimizer", "best"))
+    Trainer(make_config(toy_data, run, "train.max_updates=2", "train.valid_bleu=false",
+                        "train.best_metric=loss")).train()
+    trainer = Trainer(make_config(toy_data, run, "train.max_updates=3", "train.valid_bleu=false",
+                                  "train.best_metric=loss"), resume=True, reset=("optimizer", "best"))
     assert trainer.progress.update == 2 and trainer.progress.best is None
     assert not trainer.optimizer.state  # a fresh optimiser
     with pytest.raises(NmtError, match=r"cannot resume with changed model.d_model \(32 -> 48\), train.max_tokens"):
@@ -91,7 +94,8 @@ def test_resume_reset_and_errors(toy_data: Path, tmp_path: Path) -> None:
 
 
 def _ddp_worker(rank: int, world: int, port: int, data: str, run: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     config = make_config(Path(data), Path(run), "train.max_updates=4", "model.dropout=0.0", "train.valid_every=2",
                          "train.valid_max_sentences=4")
     result = Trainer(config).train()
@@ -107,10 +111,11 @@ def _free_port() -> int:
 
 
 def test_two_process_ddp_matches_one_process_with_accumulation(toy_data: Path, tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(toy_data), str(tmp_path / "ddp"), str(tmp_path / "out.json")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(toy_data), str(tmp_path / "ddp"), str(tmp_path / "out.json")),
+             nprocs=2)
     assert json.loads((tmp_path / "out.json").read_text()) == {"updates": 4}
-    single = make_config(toy_data, tmp_path / "single", "train.max_updates=4", "model.dropout=0.0", "train.accum_steps=2",
-                         "train.valid_every=2", "train.valid_max_sentences=4")
+    single = make_config(toy_data, tmp_path / "single", "train.max_updates=4", "model.dropout=0.0",
+                         "train.accum_steps=2", "train.valid_every=2", "train.valid_max_sentences=4")
     Trainer(single).train()
     losses = {}
     for name in ("ddp", "single"):
@@ -118,13 +123,15 @@ def test_two_process_ddp_matches_one_process_with_accumulation(toy_data: Path, t
         losses[name] = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses["ddp"]) == len(losses["single"]) == 4
     assert losses["ddp"] == pytest.approx(losses["single"], rel=0.02)
-    assert sorted(p.name for p in (tmp_path / "ddp").glob("update_*.pt")) == ["update_00000002.pt", "update_00000004.pt"]
+    ddp_checkpoints = sorted(p.name for p in (tmp_path / "ddp").glob("update_*.pt"))
+    assert ddp_checkpoints == ["update_00000002.pt", "update_00000004.pt"]
 
 
 def _nmt(*args: str, **kwargs) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("nmt")
     env = {k: v for k, v in os.environ.items() if k != "NMT_DEBUG"}
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kwargs)
 
 
 def _overrides(extra: list[str]) -> list[str]:

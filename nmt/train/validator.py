@@ -93,7 +93,7 @@ class Validator:
         for chunk in _chunks(sources, self.batch_tokens * BATCHES_PER_STEP):
             with autocast(self.device, self.amp_dtype):
                 results = translate_ids(model, [sources[i] for i in chunk], self.search, self.batch_tokens, self.device)
-            for index, found in zip(chunk, results):
+            for index, found in zip(chunk, results, strict=True):
                 hypotheses[index] = self.tokenizer.decode(found[0].tokens)
             advance(len(chunk))
         return hypotheses
