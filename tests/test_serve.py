@@ -76,7 +76,8 @@ def running_server(model: Path, tmp_path: Path, *options: str) -> Iterator[Serve
 
 @pytest.fixture(scope="module")
 def server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(copy_model, tmp_path_factory.mktemp("serve")) as started:
+    second = ["-m", str(copy_model), "--pair", "de-en"]  # two models, two workers
+    with running_server(copy_model, tmp_path_factory.mktemp("serve"), *second) as started:
         yield started
 
 
@@ -137,8 +138,8 @@ def test_form_bodies_languages_and_health(server: Server) -> None:
     form = httpx.post(f"{server.url}/translate", data={"q": SOURCES[0], "source": "en", "target": "de", "api_key": ""})
     assert form.status_code == 200 and form.json() == {"translatedText": SOURCES[0]}
     assert httpx.get(f"{server.url}/languages").json() == [
-        {"code": "de", "name": "German", "targets": []}, {"code": "en", "name": "English", "targets": ["de"]}]
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ready", "models": ["en-de"], "queued": 0}
+        {"code": "de", "name": "German", "targets": ["en"]}, {"code": "en", "name": "English", "targets": ["de"]}]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ready", "models": ["en-de", "de-en"], "queued": 0}
 
 
 def test_a_line_beyond_the_models_positions_is_truncated_with_a_warning(server: Server, copy_model: Path) -> None:
@@ -162,7 +163,7 @@ def test_a_line_beyond_the_models_positions_is_truncated_with_a_warning(server: 
     ({"q": "a", "source": "en", "target": "de", "format": "html"}, "format: only 'text' is supported"),
     ({"q": "a", "source": "en", "target": "de", "beam": 2, "nbest": 3}, "nbest 3 is larger than the beam size 2"),
     ({"q": "a", "source": "en", "target": "de", "beam": 100}, "limited to 32"),
-    ({"q": "a", "source": "de", "target": "en"}, "no model for de-en; this server translates en-de"),
+    ({"q": "a", "source": "en", "target": "fr"}, "no model for en-fr; this server translates en-de, de-en"),
 ])
 def test_bad_requests_are_400_with_one_error_and_disturb_nothing(server: Server, body: Any, message: str) -> None:
     raw = body if isinstance(body, bytes) else None
@@ -216,7 +217,8 @@ async def client_loop(client: httpx.AsyncClient, number: int, requests: int) -> 
     answers = []
     for request in range(requests):
         text = distinct_text(number, request)
-        body = {"q": text, "source": "en", "target": "de", "beam": 1 + number % 2}  # two option sets in the queue
+        source, target = ("en", "de") if number % 4 < 2 else ("de", "en")  # both models' workers busy at once
+        body = {"q": text, "source": source, "target": target, "beam": 1 + number % 2}  # two option sets per queue
         answer = await client.post("/translate", json=body)
         answers.append((text, answer.json()))
     return answers

@@ -1,0 +1,96 @@
+"""The translation service without HTTP: language pairs, limits, decoding options, the request path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nmt.errors import NmtError
+from nmt.service import Limits, Pair, ServeError, Service, TranslateRequest, parse_pair, resolve_pairs, split_lines
+from tests.conftest import make_parallel
+
+SOURCES = make_parallel(4, seed=5)[0]
+
+
+def test_pairs_from_the_command_line_else_from_the_checkpoint() -> None:
+    models = [Path("a.pt"), Path("b.pt")]
+    assert resolve_pairs(models, ["en-de", "de-en"]) == [Pair("en", "de"), Pair("de", "en")]
+    stored = {Path("a.pt"): Pair("en", "fr"), Path("b.pt"): Pair("fr", "en")}
+    assert resolve_pairs(models, [], stored.get) == [Pair("en", "fr"), Pair("fr", "en")]
+    with pytest.raises(NmtError, match="b.pt stores no language codes; say which pair it serves with --pair"):
+        resolve_pairs(models, [], {Path("a.pt"): Pair("en", "fr")}.get)
+    with pytest.raises(NmtError, match="one --pair per --model: 2 model"):
+        resolve_pairs(models, ["en-de"])
+    with pytest.raises(NmtError, match="one model only, got en-de, en-de"):
+        resolve_pairs(models, ["en-de", "en-de"])
+
+
+@pytest.mark.parametrize("text", ["ende", "en-de-fr", "en-", "en de", "en-d/e"])
+def test_a_malformed_pair_is_refused(text: str) -> None:
+    with pytest.raises(NmtError, match="--pair must look like en-de"):
+        parse_pair(text)
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(NmtError, match="--max-sentences 0, --timeout -1"):
+        Limits(max_sentences=0, timeout=-1).check()
+    with pytest.raises(NmtError, match="--max-wait-ms must be >= 0"):
+        Limits(max_wait_ms=-1).check()
+
+
+def test_split_lines_keeps_every_line_and_empty_texts() -> None:
+    assert split_lines(["a\nb", "", "c\n"]) == ([2, 1, 2], ["a", "b", "", "c", ""])
+
+
+@pytest.fixture(scope="module")
+def service(copy_model: Path) -> Iterator[Service]:
+    """The copying model as en-de and de-en, loaded in this process (fp32 on the CPU); its workers end after."""
+    served = Service([copy_model, copy_model], [Pair("en", "de"), Pair("de", "en")], Limits(max_sentences=4))
+    served.load("cpu", "fp32").join(120)
+    assert served.ready.is_set() and served.failure is None
+    yield served
+    served.drain()
+    served.join(30)
+    assert not any(model.worker.is_alive() for model in served.models.values())
+
+
+def test_options_are_complete_keys_and_alternatives_grow_the_default_beam(service: Service) -> None:
+    model = service.models[Pair("en", "de")]  # the copying checkpoint: greedy, alpha 0.6
+
+    def options(**fields: object) -> dict[str, object]:
+        return dict(model.options(TranslateRequest([], "en", "de", **fields)))  # type: ignore[arg-type]
+
+    assert options() == {"alpha": 0.6, "beam": 1, "nbest": 1}
+    assert options(alternatives=2) == {"alpha": 0.6, "beam": 3, "nbest": 3}
+    assert options(beam=4, alpha=0.0, nbest=2) == {"alpha": 0.0, "beam": 4, "nbest": 2}
+    with pytest.raises(ServeError, match="nbest 3 is larger than the beam size 2") as refused:
+        options(beam=2, alternatives=2)  # an explicit beam is the client's to keep
+    assert refused.value.status == 400
+    with pytest.raises(ServeError, match="limited to 32"):
+        options(nbest=33)
+
+
+def test_requests_are_translated_per_text_and_line(service: Service) -> None:
+    request = TranslateRequest([f"{SOURCES[0]}\n{SOURCES[1]}", "", SOURCES[2]], "de", "en", alternatives=1)
+    results = asyncio.run(service.translate(request))
+    assert [[r.best.text for r in text] for text in results] == [[SOURCES[0], SOURCES[1]], [""], [SOURCES[2]]]
+    assert [len(r.hypotheses) for text in results for r in text] == [2, 2, 1, 2]  # an empty line has one, empty
+    assert asyncio.run(service.translate(TranslateRequest([], "en", "de"))) == []
+
+
+@pytest.mark.parametrize(("request_", "status", "message"), [
+    (TranslateRequest(["a"], "en", "fr"), 400, "no model for en-fr; this server translates en-de, de-en"),
+    (TranslateRequest(["a\nb\nc", "d\ne"], "en", "de"), 413, "5 sentences in one request; the limit is 4"),
+])
+def test_refusals_carry_their_status(service: Service, request_: TranslateRequest, status: int, message: str) -> None:
+    with pytest.raises(ServeError, match=message) as refused:
+        asyncio.run(service.translate(request_))
+    assert refused.value.status == status
+
+
+def test_languages_in_libretranslate_shape(service: Service) -> None:
+    assert service.languages() == [{"code": "de", "name": "German", "targets": ["en"]},
+                                   {"code": "en", "name": "English", "targets": ["de"]}]
