@@ -322,3 +322,18 @@ def test_sigterm_saves_and_a_second_training_is_refused(toy_data: Path, tmp_path
     last = latest_checkpoint(run)
     assert last is not None and load_checkpoint(last).train_state["progress"]["update"] >= 3
     assert load_checkpoint(last).config.train.seed == 1
+
+
+def test_the_cli_monitor_shows_validation_progress(capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.train import RichMonitor
+
+    monkeypatch.delenv("NMT_PROGRESS", raising=False)
+    monitor = RichMonitor()
+    advance = monitor.task("validation BLEU", total=3, unit="sentences")
+    assert [task.description for task in monitor.progress.tasks] == ["validation BLEU"]
+    advance(2)
+    advance(1)
+    assert monitor.progress.tasks == []  # a finished validation leaves no bar behind
+    monitor.stop()
+    assert capsys.readouterr().err == "validation BLEU: 3 sentences\n"  # where no bar is drawn (not a terminal)
