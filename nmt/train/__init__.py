@@ -8,6 +8,7 @@
     meter.py          log-line sums and the clocks behind tokens/s
     state.py          what a checkpoint holds of a run in progress; resume checks
     signals.py        SIGINT / SIGTERM: save and stop
+    monitor.py        what a person watching is shown (the CLI draws it)
 """
 
 from nmt.train.monitor import Monitor, SilentMonitor
