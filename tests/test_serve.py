@@ -83,9 +83,9 @@ def server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def tiny_server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Tiny limits: 3 lines, 100 characters, 1 waiting request that waits 2 s for company but times out at 0.5 s."""
+    """Tiny limits: 3 lines, 100 characters, 1 waiting request that waits 5 s for company but times out at 1 s."""
     with running_server(copy_model, tmp_path_factory.mktemp("tiny"), "--max-sentences", "3", "--max-chars", "100",
-                        "--max-queue", "1", "--max-wait-ms", "2000", "--timeout", "0.5") as started:
+                        "--max-queue", "1", "--max-wait-ms", "5000", "--timeout", "1") as started:
         yield started
 
 
@@ -197,13 +197,14 @@ def test_timeout_is_504_and_a_full_queue_503_with_retry_after(tiny_server: Serve
     async def both() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=tiny_server.url, timeout=30) as client:
             first = asyncio.create_task(client.post("/translate", json={"q": "a dog", "source": "en", "target": "de"}))
-            await asyncio.sleep(0.2)  # the first waits in the queue for company (2 s) and holds its only slot
+            while not first.done() and (await client.get("/health")).json()["queued"] == 0:  # the first waits 5 s...
+                await asyncio.sleep(0.01)
             second = await client.post("/translate", json={"q": "a cat", "source": "en", "target": "de"})
             return await first, second
 
     timed_out, overloaded = asyncio.run(both())
     assert timed_out.status_code == 504
-    assert timed_out.json() == {"error": "the translation took longer than the 0.5 s timeout"}
+    assert timed_out.json() == {"error": "the translation took longer than the 1 s timeout"}
     assert overloaded.status_code == 503 and overloaded.headers["retry-after"] == "1"
     assert overloaded.json()["error"].startswith("server overloaded: 1 requests are waiting (--max-queue 1)")
 
@@ -242,7 +243,8 @@ async def terminate_under_load(server: Server, count: int) -> list[tuple[str, ht
     async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=count)) as client:
         async def one(n: int) -> tuple[str, httpx.Response]:
             text = distinct_text(n, n % 20)
-            return text, await client.post("/translate", json={"q": text, "source": "en", "target": "de"})
+            body = {"q": text, "source": "en", "target": "de", "beam": 4}  # beam 4: a batch that takes a while
+            return text, await client.post("/translate", json=body)
 
         tasks = [asyncio.create_task(one(n)) for n in range(count)]
         deadline = time.monotonic() + 30
