@@ -22,6 +22,14 @@ from nmt.io import LineStream, atomic_path, check_readable, count_lines, is_stre
 from nmt.translate import BATCH_TOKENS, BUFFER_LINES, LineResult, Translator
 
 F = TypeVar("F", bound=Callable[..., Any])
+ENGINES = ("nmt", "ctranslate2")
+ENGINE_HELP = (
+    "nmt, or ctranslate2: search in CTranslate2 on a folder from nmt export (-m FOLDER); same input, output, "
+    "normalisation and length limits. Its beam search refills beams and always stops a sentence once beam "
+    "hypotheses finished (as --early-stop; --exact is refused); its finished hypotheses are ranked by nmt's "
+    "--length-penalty and --alpha (CTranslate2's own length_penalty is the average form; GNMT is applied by nmt). "
+    "Sampling draws differ from nmt's; --precision picks the compute type, --quantize int8 computes in int8."
+)
 
 
 def format_result(result: LineResult, nbest: bool, scores: bool) -> str:
@@ -80,12 +88,19 @@ class DecodingOptions:
     quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none"
     threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0
 
-    def translator(self, model: Path, nbest: int | None = None, buffer_lines: int = BUFFER_LINES) -> Translator:
-        """Load `model` with these options (`nbest` only matters to nmt translate)."""
+    def translator(self, model: Path, nbest: int | None = None, buffer_lines: int = BUFFER_LINES,
+                   engine: str = "nmt") -> Translator:
+        """Load `model` with these options (`nbest` only matters to nmt translate) for nmt's engine or CTranslate2."""
         if self.batch_tokens < 1:
             raise NmtError("--batch-tokens must be positive")
+        if engine not in ENGINES:
+            raise NmtError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         options = asdict(self)
         options["seed"], options["nbest"] = options.pop("sample_seed"), nbest
+        if engine == "ctranslate2":
+            from nmt.engines import CT2Translator  # imports ctranslate2, an optional extra, only when asked for
+
+            return CT2Translator.from_folder(model, buffer_lines=buffer_lines, **options)
         return build_translator(model, options.pop("threads"), buffer_lines=buffer_lines, **options)
 
 
@@ -112,22 +127,24 @@ def with_decoding_options(command: F) -> F:
 @handle_errors
 @with_decoding_options
 def translate(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Checkpoint file (from nmt train or nmt average).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help=(
+        "Checkpoint file (from nmt train or nmt average), or with --engine ctranslate2 a folder from nmt export."))],
     input: Annotated[Path | None, typer.Option("--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
     nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation (index from 0; an empty line has one, empty).")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
     buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = BUFFER_LINES,
     errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "nmt",
     *,
     decoding: DecodingOptions,
 ) -> None:
-    """Translate text with a checkpoint: stdin to stdout, or between files."""
+    """Translate text with a checkpoint (or a CTranslate2 export): stdin to stdout, or between files."""
     if errors not in ("strict", "replace"):
         raise NmtError(f"--errors must be strict or replace, got {errors!r}")
     if buffer_size < 1:
         raise NmtError("--buffer-size must be positive")
-    translator = decoding.translator(model, nbest, buffer_size)
+    translator = decoding.translator(model, nbest, buffer_size, engine)
     show_nbest = (nbest or 0) > 1
     start = time.perf_counter()
     if input is None:
