@@ -187,8 +187,8 @@ def serve(service: Service, listen: Listen, device: str, precision: str) -> None
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         service.load(device, precision, on_failure=lambda: setattr(server, "should_exit", True))
-        yield
-        await asyncio.to_thread(service.join, listen.grace)
+        yield  # shutting down: the batch running now ends before the process does (torch aborts otherwise)
+        await asyncio.to_thread(service.join, listen.grace + service.limits.timeout)
 
     app.router.lifespan_context = lifespan
     config = uvicorn.Config(app, host=listen.host, port=listen.port, log_level="warning", access_log=False,
