@@ -57,13 +57,12 @@ class CT2Translator(Translator):
         check_options(self.decode)
         self.batch_tokens, self.buffer_lines = batch_tokens, buffer_lines
         self.src_tokenizer, self.tgt_tokenizer = exported.src_tokenizer, exported.tgt_tokenizer
-        self.max_source_tokens = exported.max_positions
-        self.max_positions = exported.max_positions
+        self.max_source_tokens = exported.max_positions  # EOS included, as the translator truncates
         self.src_pieces, self.tgt_pieces = pieces(self.src_tokenizer), pieces(self.tgt_tokenizer)
         self.tgt_ids = {piece: index for index, piece in enumerate(self.tgt_pieces)}
-        compute_type = "int8" if quantize == "int8" else _choice("precision", precision, COMPUTE_TYPES)
         if quantize not in ("none", "int8"):
             raise NmtError(f"unknown quantization {quantize!r}; choose one of none, int8")
+        compute_type = "int8" if quantize == "int8" else _choice("precision", precision, COMPUTE_TYPES)
         kind, index = _device(device)
         try:
             self.engine = ctranslate2.Translator(str(folder), device=kind, device_index=index,
@@ -108,8 +107,8 @@ class CT2Translator(Translator):
         results: list[list[Hypothesis]] = [[] for _ in sources]
         if not sources:
             return results
-        limits = max_output_lengths(pad_sources(sources)[1], self.decode, self.max_positions).tolist()
-        if self.decode.sampling:
+        limits = max_output_lengths(pad_sources(sources)[1], self.decode, self.max_source_tokens).tolist()
+        if self.decode.sampling:  # CTranslate2 has one generator per process: seeded per chunk, as nmt's per batch
             self.ctranslate2.set_random_seed(self.decode.seed)
         for chunk in self._batches(sources, limits):
             found = self._search_batch([sources[i] for i in chunk], limits[chunk[0]])
