@@ -137,6 +137,9 @@ def test_nbest_scores_and_alternatives(server: Server, copy_model: Path) -> None
 def test_form_bodies_languages_and_health(server: Server) -> None:
     form = httpx.post(f"{server.url}/translate", data={"q": SOURCES[0], "source": "en", "target": "de", "api_key": ""})
     assert form.status_code == 200 and form.json() == {"translatedText": SOURCES[0]}
+    fields = {"q": SOURCES[:2], "source": "en", "target": "de", "beam": "2"}
+    repeated = httpx.post(f"{server.url}/translate", data=fields)
+    assert repeated.json() == {"translatedText": SOURCES[:2]}  # q repeated: a list; numbers arrive as strings
     assert httpx.get(f"{server.url}/languages").json() == [
         {"code": "de", "name": "German", "targets": ["en"]}, {"code": "en", "name": "English", "targets": ["de"]}]
     assert httpx.get(f"{server.url}/health").json() == {"status": "ready", "models": ["en-de", "de-en"], "queued": 0}
