@@ -228,17 +228,34 @@ async def client_loop(client: httpx.AsyncClient, number: int, requests: int) -> 
     return answers
 
 
+async def health_latencies(url: str, loops: asyncio.Future[Any]) -> list[float]:
+    """Seconds each /health took while `loops` ran (its own connection, outside the clients' pool)."""
+    seconds = []
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        while not loops.done() and len(seconds) < 200:
+            start = time.monotonic()
+            assert (await client.get("/health")).status_code == 200
+            seconds.append(time.monotonic() - start)
+            await asyncio.sleep(0.05)
+    return seconds
+
+
 def test_64_concurrent_clients_get_their_own_translations(server: Server) -> None:
-    async def load() -> list[list[tuple[str, Any]]]:
-        limits = httpx.Limits(max_connections=64)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
-            return await asyncio.wait_for(asyncio.gather(*(client_loop(client, n, 20) for n in range(64))), 120)
+    """Every answer is its own request's text; /health answers promptly all along (decoding is off the event loop)."""
+    async def load() -> tuple[list[list[tuple[str, Any]]], list[float]]:
+        pool = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=pool) as client:
+            loops = asyncio.gather(*(client_loop(client, n, 20) for n in range(64)))
+            health = await health_latencies(server.url, loops)
+            return await asyncio.wait_for(loops, 120), health
 
     start = time.monotonic()
-    answers = [pair for loop in asyncio.run(load()) for pair in loop]
+    loops, health = asyncio.run(load())
+    answers = [pair for loop in loops for pair in loop]
     assert len(answers) == 64 * 20 and len({text for text, _ in answers}) == 64 * 20
     assert all(answer == {"translatedText": text} for text, answer in answers)
     assert time.monotonic() - start < 120
+    assert health and max(health) < 2.0, health
 
 
 async def terminate_under_load(server: Server, count: int) -> list[tuple[str, httpx.Response]]:
