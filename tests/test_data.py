@@ -178,6 +178,10 @@ def test_opening_damaged_or_foreign_data_fails_in_one_line(corpus_dir: Path, tmp
                                                              tokenizers: tuple[Tokenizer, Tokenizer]) -> None:
     with pytest.raises(NmtError, match="no such data directory"):
         PreparedData.open(tmp_path / "missing")
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(NmtError, match=r"meta.json: is a file, not a directory written by `nmt prepare`$"):
+        PreparedData.open(tmp_path / "meta.json")
+    (tmp_path / "meta.json").unlink()
     with pytest.raises(NmtError, match="not a prepared data directory"):
         PreparedData.open(tmp_path)
     out = tmp_path / "data"

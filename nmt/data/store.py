@@ -234,6 +234,8 @@ class PreparedData:
 def read_meta(path: Path) -> dict[str, Any]:
     """meta.json of a prepared directory, with one-line errors for anything else."""
     file = Path(path) / META
+    if Path(path).is_file():
+        raise NmtError(f"{path}: is a file, not a directory written by `nmt prepare`")
     if not Path(path).is_dir():
         raise NmtError(f"{path}: no such data directory (write one with `nmt prepare`)")
     if not file.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 
 from common import machine, print_table, write_json
 from decode_speed import measure_model
+from nmt.device import tune_cpu
 from train_speed import MODELS, measure_all
 
 
@@ -40,12 +41,13 @@ def main() -> None:
     models = [spec.partition("=")[::2] for spec in args.model]
     if unknown := [name for name, _ in models if name not in MODELS]:
         parser.error(f"unknown model name(s) {', '.join(unknown)}; training is measured for {', '.join(MODELS)}")
+    tune_cpu(args.threads)  # what the nmt commands do; the library leaves threads alone
     texts = args.src.read_text(encoding="utf-8").splitlines()
     references = args.ref.read_text(encoding="utf-8").splitlines()
     rows: list[dict[str, Any]] = []
     for name, path in models:
         rows += [{"mode": "train", **row} for row in measure_all(
-            args.data, [name], ["fp32", "bf16", "auto"], args.updates, args.warmup, args.max_tokens, args.threads)]
+            args.data, [name], ["fp32", "bf16", "auto"], args.updates, args.warmup, args.max_tokens)]
         rows += measure_model(name, Path(path), texts, references, ["fp32", "bf16", "int8", "auto"],
                               args.latency_sentences, args.batch_tokens, no_cache=False)
     print_table("Multi30k: training and decoding", rows, ["model", "mode", "precision", "tokens_per_s",

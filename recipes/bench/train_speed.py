@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.config import Config, merge, parse_overrides
+from nmt.device import tune_cpu
 from nmt.precision import cpu_has_native_bf16
 from nmt.train import Trainer
 
@@ -36,13 +37,11 @@ MODELS = {
 }
 
 
-def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int,
-            threads: int = 0) -> dict:
+def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         config = Config()
         merge(config, parse_overrides([*MODELS[model], f'train.data="{data}"', f'train.run_dir="{run_dir}"',
-                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}",
-                                       f"train.threads={threads}"]))
+                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}"]))
         trainer = Trainer(config)
         batches = trainer.sampler.batches(1)
         split = trainer.train_split
@@ -88,7 +87,7 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
 
 
 def measure_all(data: Path, models: list[str], precisions: list[str], updates: int, warmup: int, max_tokens: int,
-                threads: int = 0, force_bf16: bool = False) -> list[dict]:
+                force_bf16: bool = False) -> list[dict]:
     """One row per model and precision; emulated bf16 is slower than fp32, so it is skipped unless forced."""
     rows = []
     for model in models:
@@ -96,7 +95,7 @@ def measure_all(data: Path, models: list[str], precisions: list[str], updates: i
             if precision == "bf16" and not (cpu_has_native_bf16() or force_bf16):
                 rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
                 continue
-            rows.append(measure(data, model, precision, updates, warmup, max_tokens, threads))
+            rows.append(measure(data, model, precision, updates, warmup, max_tokens))
     return rows
 
 
@@ -112,8 +111,9 @@ def main() -> None:
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even without native bf16 instructions")
     parser.add_argument("--out", type=Path, default=Path("work/bench/train_speed.json"))
     args = parser.parse_args()
+    tune_cpu(args.threads)  # what nmt train does; the library leaves threads alone
     rows = measure_all(args.data, args.models.split(","), args.precisions.split(","), args.updates, args.warmup,
-                       args.max_tokens, args.threads, args.force_bf16)
+                       args.max_tokens, args.force_bf16)
     print_table("Training throughput", rows, ["model", "precision", "parameters", "tokens_per_s", "seconds_per_update",
                                               "model_gflops", "mfu_model_count", "gflops_6pt", "mfu_6pt",
                                               "ceiling_before", "ceiling_after", "peak_mib", "note"])
