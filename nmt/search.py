@@ -41,7 +41,8 @@ class Decoder(Protocol):
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Any: ...
 
-    def init_state(self, memory: Any, src_mask: Tensor, keep_attention: bool = False, keep_heads: bool = False) -> Any: ...
+    def init_state(self, memory: Any, src_mask: Tensor, keep_attention: bool = False,
+                   keep_heads: bool = False) -> Any: ...
 
     def step(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any]: ...
 
@@ -136,11 +137,12 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
     finished = torch.zeros(batch, dtype=torch.long, device=device)  # (N,) hypotheses finished so far
     pool = _Finished.empty(batch, nbest, limit, device)
     results = _Finished.empty(batch, nbest, limit, device)
+    shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         live_count, width = scores.shape
         log_probs, state = model.step(last, state)  # (N*W, V)
         vocab = log_probs.size(1)
-        log_probs = _mask(log_probs, step, max_len.repeat_interleave(width), config)
+        log_probs = _mask(log_probs, step, max_len.repeat_interleave(width) if step + 1 >= shortest else None, config)
         # the K best extensions of a sentence are among the K best of each of its beams
         best, best_token = log_probs.topk(min(beam, vocab), dim=1)  # (N*W, k)
         per_beam = best.size(1)
@@ -168,12 +170,13 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         within = origin.size(1) == width  # back-pointers only, unless sentences leave below
         if done.any():
             within = False
-            for kept, current in zip(results, pool):
+            for kept, current in zip(results, pool, strict=True):
                 kept[sentence[done]] = current[done]
             keep = (~done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             sentence, max_len, lp_limit, finished = sentence[keep], max_len[keep], lp_limit[keep], finished[keep]
+            shortest = int(max_len.min())
             pool = _Finished(*(current[keep] for current in pool))
             origin, live, token = origin[keep], live[keep], token[keep]
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
@@ -252,13 +255,18 @@ def _penalty_table(longest: int, config: DecodeConfig, device: torch.device) -> 
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _mask(log_probs: Tensor, step: int, max_len: Tensor, config: DecodeConfig) -> Tensor:
+def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeConfig) -> Tensor:
     """Forbid, in place, what may not be output position `step + 1`; rows at their limit may only end.
 
-    log_probs (R, V) is the step's fresh output; max_len (R,) the limit of each row.
+    log_probs (R, V) is the step's fresh output; max_len (R,) the limit of each row, or None when the
+    caller knows that no row is at its limit yet (which saves comparing limits, a host sync, every step).
     """
     banned = [PAD_ID, BOS_ID, UNK_ID] if config.ban_unk else [PAD_ID, BOS_ID]
     log_probs[:, banned] = NEG_INF
+    if max_len is None:
+        if step + 1 < config.min_len:
+            log_probs[:, EOS_ID] = NEG_INF
+        return log_probs
     at_limit = max_len == step + 1  # (R,)
     if step + 1 < config.min_len:
         log_probs[:, EOS_ID].masked_fill_(~at_limit, NEG_INF)
@@ -303,9 +311,10 @@ def _decode_rows(
     last = torch.full((total,), BOS_ID, device=device)  # (R,)
     out_tokens, out_raw = tokens.clone(), raw.clone()
     out_len = torch.zeros(total, dtype=torch.long, device=device)
+    shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         log_probs, state = model.step(last, state)  # (R, V)
-        log_probs = _mask(log_probs, step, max_len, config)
+        log_probs = _mask(log_probs, step, max_len if step + 1 >= shortest else None, config)
         last = choose(log_probs)  # (R,)
         raw = raw + log_probs.gather(1, last.unsqueeze(1)).squeeze(1)
         tokens[:, step] = last
@@ -319,6 +328,7 @@ def _decode_rows(
                 break
             state = model.reorder_state(state, keep)
             tokens, raw, max_len, origin, last = tokens[keep], raw[keep], max_len[keep], origin[keep], last[keep]
+            shortest = int(max_len.min())
     return _hypotheses(
         out_tokens.view(batch, rows, limit), out_raw.view(batch, rows), out_len.view(batch, rows), config
     )
@@ -332,6 +342,6 @@ def _hypotheses(tokens: Tensor, raw: Tensor, length: Tensor, config: DecodeConfi
     tokens = tokens.gather(1, order.unsqueeze(2).expand_as(tokens)).tolist()
     score, raw, length = (values.gather(1, order).tolist() for values in (score, raw, length))
     return [
-        [Hypothesis(toks[:n], s, r) for toks, s, r, n in zip(*sentence) if n > 0]
-        for sentence in zip(tokens, score, raw, length)
+        [Hypothesis(toks[:n], s, r) for toks, s, r, n in zip(*sentence, strict=True) if n > 0]
+        for sentence in zip(tokens, score, raw, length, strict=True)
     ]
