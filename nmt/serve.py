@@ -186,7 +186,15 @@ def serve(service: Service, listen: Listen, device: str, precision: str) -> None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        service.load(device, precision, on_failure=lambda: setattr(server, "should_exit", True))
+        def loaded(failure: BaseException | None) -> None:
+            if failure is not None:  # the command reports it once the server has stopped
+                server.should_exit = True
+                return
+            engines = "; ".join(f"{pair} in {model.engine.precision.describe()}"
+                                for pair, model in service.models.items() if model.engine is not None)
+            print(f"nmt serve: ready: {engines}", file=sys.stderr, flush=True)
+
+        service.load(device, precision, loaded)
         yield  # shutting down: the batch running now ends before the process does (torch aborts otherwise)
         await asyncio.to_thread(service.join, listen.grace + service.limits.timeout)
 

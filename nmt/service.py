@@ -23,6 +23,7 @@ from nmt.checkpoint import load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source
 from nmt.errors import NmtError
+from nmt.precision import Precision
 from nmt.search import check_options
 from nmt.tokenizer import Tokenizer
 from nmt.translate import LineResult, Translator
@@ -89,6 +90,7 @@ class Engine(Protocol):
     batch_tokens: int
     buffer_lines: int
     src_tokenizer: Tokenizer
+    precision: Precision
 
     def translate_lines(self, lines: Iterable[str], first_line: int = 1) -> Iterator[LineResult]: ...
 
@@ -188,8 +190,9 @@ class Service:
         self.ready = threading.Event()
         self.failure: BaseException | None = None
 
-    def load(self, device: str, precision: str, on_failure: Callable[[], None] = lambda: None) -> threading.Thread:
-        """Load every model in a thread (the server answers /health meanwhile); `ready` is set when done."""
+    def load(self, device: str, precision: str,
+             done: Callable[[BaseException | None], None] = lambda failure: None) -> threading.Thread:
+        """Load every model in a thread (the server answers /health meanwhile); `ready` is set, then `done` called."""
 
         def run() -> None:
             try:
@@ -198,7 +201,7 @@ class Service:
                 self.ready.set()
             except BaseException as exc:  # reported by the command once the server stops
                 self.failure = exc
-                on_failure()
+            done(self.failure)
 
         thread = threading.Thread(target=run, name="nmt-load", daemon=True)
         thread.start()
