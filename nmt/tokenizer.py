@@ -173,18 +173,7 @@ def train_sentencepiece(
     for corpora too large to hold. Both output files appear only when training
     succeeded.
     """
-    if model_type not in MODEL_TYPES:
-        raise NmtError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
-    if vocab_size < len(SPECIAL_IDS) + 1:
-        raise NmtError(f"vocabulary size {vocab_size} is too small")
-    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own range
-        raise NmtError(f"character coverage must be between 0.98 and 1.0, got {character_coverage}")
-    if sample_size < 0:
-        raise NmtError(f"sample size must be 0 (all sentences) or positive, got {sample_size}")
-    if bad := [s for s in user_defined_symbols if not s or any(c.isspace() for c in s)]:
-        raise NmtError(f"user-defined symbols must be non-empty and without spaces, got {bad[0]!r}")
-    if not files:
-        raise NmtError("no input files given")
+    _check_training_options(files, vocab_size, model_type, character_coverage, sample_size, user_defined_symbols)
     prefix = Path(prefix)
     ensure_writable_dir(prefix.parent)
     if Path(f"{prefix}.model").exists() and not overwrite:
@@ -202,26 +191,11 @@ def train_sentencepiece(
             advance(1)
             yield text
 
-    model_proto = io.BytesIO()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=feed(),
-            model_writer=model_proto,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            user_defined_symbols=list(user_defined_symbols),
-            normalization_rule_name="identity",
-            byte_fallback=byte_fallback,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
-            hard_vocab_limit=True,
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-        )
-    except RuntimeError as exc:
-        raise _training_error(exc, vocab_size) from None
-    model_bytes = model_proto.getvalue()
+    model_bytes = _run_trainer(
+        feed(), vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
+        user_defined_symbols=list(user_defined_symbols), byte_fallback=byte_fallback,
+        num_threads=num_threads or os.cpu_count() or 1,
+    )
     with atomic_path(model_path) as tmp_model, atomic_path(vocab_path) as tmp_vocab:
         tmp_model.write_bytes(model_bytes)
         tmp_vocab.write_text(_vocab_listing(model_bytes), encoding="utf-8")
@@ -236,6 +210,42 @@ def train_sentencepiece(
         seconds=time.perf_counter() - start,
         inputs=[Path(f) for f in files],
     )
+
+
+def _check_training_options(files: Sequence[Path], vocab_size: int, model_type: str, character_coverage: float,
+                            sample_size: int, user_defined_symbols: Sequence[str]) -> None:
+    """One-line errors for what SentencePiece would reject with its internal messages (or accept wrongly)."""
+    if model_type not in MODEL_TYPES:
+        raise NmtError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    if vocab_size < len(SPECIAL_IDS) + 1:
+        raise NmtError(f"vocabulary size {vocab_size} is too small")
+    if not 0.98 <= character_coverage <= 1.0:  # SentencePiece's own range
+        raise NmtError(f"character coverage must be between 0.98 and 1.0, got {character_coverage}")
+    if sample_size < 0:
+        raise NmtError(f"sample size must be 0 (all sentences) or positive, got {sample_size}")
+    if bad := [s for s in user_defined_symbols if not s or any(c.isspace() for c in s)]:
+        raise NmtError(f"user-defined symbols must be non-empty and without spaces, got {bad[0]!r}")
+    if not files:
+        raise NmtError("no input files given")
+
+
+def _run_trainer(sentences: Iterator[str], **options: object) -> bytes:
+    """SentencePiece's trainer with nmt's fixed special ids and identity normalisation (nmt normalises first)."""
+    model_proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences,
+            model_writer=model_proto,
+            normalization_rule_name="identity",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+            hard_vocab_limit=True,
+            minloglevel=2,
+            **options,
+        )
+    except RuntimeError as exc:
+        raise _training_error(exc, int(options["vocab_size"])) from None  # type: ignore[call-overload]
+    return model_proto.getvalue()
 
 
 def _vocab_listing(model_bytes: bytes) -> str:
