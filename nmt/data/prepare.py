@@ -96,14 +96,7 @@ def prepare(
         scratch = tmp / ".scratch"
         scratch.mkdir()
         splits = _resolve_splits(sources, reporter)
-        counts: dict[str, Counts] = {}
-        held_out: set[bytes] = set()
-        for name in HELD_OUT:
-            if name in splits:
-                counts[name] = _read_held_out(name, splits[name], tmp, scratch, clean, held_out, chunk_size, reporter)
-        cleaner = Cleaner(clean, frozenset(held_out))
-        _read_train(splits["train"], cleaner, scratch, chunk_size, reporter)
-        counts["train"] = cleaner.counts
+        counts, cleaner = _read_splits(splits, tmp, scratch, clean, chunk_size, reporter)
         src_tok, tgt_tok = _tokenizers(tokenizers, scratch, clean.normalization, num_threads, reporter)
         joint = src_tok.model_bytes == tgt_tok.model_bytes
         dtype = ids_dtype(max(src_tok.vocab_size, tgt_tok.vocab_size))
@@ -119,8 +112,6 @@ def prepare(
         files = tokenizer_files(joint)
         for side, tokenizer in (("src", src_tok), ("tgt", tgt_tok)):
             (tmp / files[side]).write_bytes(tokenizer.model_bytes)
-        train = EncodedSplit.load(tmp / "train", dtype)
-        batches = TokenBatchSampler(train.src_lengths, train.tgt_lengths, max_tokens, seed=1).batches(1)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -137,12 +128,32 @@ def prepare(
             "cleaning": clean.to_dict(),
             "splits": {name: {"source": splits[name].describe(), "counts": counts[name].to_dict(), **stats[name]}
                        for name in splits},
-            "padding": {"max_tokens": max_tokens, "batches": len(batches),
-                        "fraction": round(padding_fraction(batches, train.src_lengths, train.tgt_lengths), 4)},
+            "padding": _padding_estimate(EncodedSplit.load(tmp / "train", dtype), max_tokens),
             "seconds": round(time.perf_counter() - start, 2),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PreparedData.open(out)
+
+
+def _read_splits(splits: dict[str, PairSource], tmp: Path, scratch: Path, clean: CleanConfig, chunk_size: int,
+                 reporter: Reporter) -> tuple[dict[str, Counts], Cleaner]:
+    """Held-out splits first, so that their pairs are then kept out of train; train through the cleaner."""
+    counts: dict[str, Counts] = {}
+    held_out: set[bytes] = set()
+    for name in HELD_OUT:
+        if name in splits:
+            counts[name] = _read_held_out(name, splits[name], tmp, scratch, clean, held_out, chunk_size, reporter)
+    cleaner = Cleaner(clean, frozenset(held_out))
+    _read_train(splits["train"], cleaner, scratch, chunk_size, reporter)
+    counts["train"] = cleaner.counts
+    return counts, cleaner
+
+
+def _padding_estimate(train: EncodedSplit, max_tokens: int) -> dict[str, float]:
+    """How much of a `max_tokens` batch is padding, for the summary (the sampler of epoch 1, seed 1)."""
+    batches = TokenBatchSampler(train.src_lengths, train.tgt_lengths, max_tokens, seed=1).batches(1)
+    return {"max_tokens": max_tokens, "batches": len(batches),
+            "fraction": round(padding_fraction(batches, train.src_lengths, train.tgt_lengths), 4)}
 
 
 def _check_replaceable(out: Path, overwrite: bool) -> None:
