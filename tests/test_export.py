@@ -150,20 +150,28 @@ def test_beam_search_agrees_on_the_best_hypothesis(exported: tuple[Checkpoint, P
     assert compared >= 5
 
 
-def test_beam_scores_under_the_average_penalty_are_nmt_scores(exported: tuple[Checkpoint, Path]) -> None:
+@pytest.mark.parametrize("options", [
+    {"beam": 4, "nbest": 3, "alpha": 1.0, "length_penalty": "average", "early_stop": True},
+    {"sampling": True, "nbest": 3, "top_k": 10, "temperature": 1.5, "seed": 4},
+], ids=["beam-average", "sampling"])
+def test_where_the_searches_differ_the_scores_are_still_nmt_scores(exported: tuple[Checkpoint, Path],
+                                                                  options: dict) -> None:
     """CTranslate2 refills a beam when a hypothesis ends, nmt's beam shrinks: under the average penalty, which
-    favours the longer hypotheses found late, their best often differ (CTranslate2's mostly scores higher).
-    Whatever it finds is scored as nmt scores those tokens, and ranked by nmt's penalty."""
+    favours the longer hypotheses found late, their best often differ (CTranslate2's mostly scores higher);
+    samples come from another generator. Whatever CTranslate2 finds ends with EOS within the sentence's limit,
+    is scored as nmt scores those tokens, and is ranked by nmt's penalty."""
     checkpoint, folder = exported
-    decode = replace(DECODE, beam=4, nbest=3, alpha=1.0, length_penalty="average", early_stop=True)
-    ours, theirs = engines(checkpoint, folder, **decode.__dict__)
+    decode = replace(DECODE, **options)
+    ours, theirs = engines(checkpoint, folder, **options)
     results = list(theirs.translate_lines(TEXTS))
     src, mask = pad_sources([r.source_ids for r in results])
     hypotheses = [[Hypothesis(h.tokens, h.score, 0.0) for h in r.hypotheses] for r in results]
     raws = iter(teacher_forced(ours.model, src, mask, hypotheses))
-    for result in results:
+    for result, limit in zip(results, limits(checkpoint, decode), strict=True):
+        assert len(result.hypotheses) == 3
         assert [h.score for h in result.hypotheses] == sorted((h.score for h in result.hypotheses), reverse=True)
         for h in result.hypotheses:
+            assert h.tokens[-1] == EOS_ID and EOS_ID not in h.tokens[:-1] and len(h.tokens) <= limit
             assert h.score == pytest.approx(next(raws) / length_penalty(len(h.tokens), decode), abs=1e-4)
 
 
@@ -184,15 +192,24 @@ def test_exported_folder_describes_itself(exported: tuple[Checkpoint, Path]) -> 
 
 def test_copy_model_through_the_cli_keeps_lines_and_copies(copy_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("ctranslate2")
+    lines = [SOURCES[0], "", SOURCES[1], "   ", SOURCES[2] + "\r", "", GERMAN]
+    expected = "".join(t + "\n" for t in [SOURCES[0], "", SOURCES[1], "", SOURCES[2], "", GERMAN])
     for quantize in ("none", "int8"):
         folder = tmp_path / quantize
         result = runner.invoke(app, ["export", str(copy_model), "-o", str(folder), "--quantize", quantize])
         assert result.exit_code == 0, result.output
-        lines = [SOURCES[0], "", SOURCES[1], "   ", SOURCES[2] + "\r", "", GERMAN]
         done = nmt("translate", "--engine", "ctranslate2", "-m", str(folder), *CPU, stdin="\n".join(lines).encode())
         assert done.returncode == 0, done.stderr.decode()
-        expected = [SOURCES[0], "", SOURCES[1], "", SOURCES[2], "", GERMAN]
-        assert done.stdout.decode() == "".join(t + "\n" for t in expected)
+        assert done.stdout.decode() == expected
+    long = " ".join(SOURCES[:8])  # beyond the copying model's 64 positions: truncated, with a warning
+    stdin = f"{SOURCES[3]}\n{long}\n".encode()
+    for options in ([], ["--scores"]):  # greedy: the same text, scores and warnings as nmt's engine
+        ours = nmt("translate", "-m", str(copy_model), *options, *CPU, stdin=stdin)
+        theirs = nmt("translate", "--engine", "ctranslate2", "-m", str(tmp_path / "none"), *options, *CPU, stdin=stdin)
+        assert theirs.returncode == 0 and theirs.stderr == ours.stderr and b"truncated" in ours.stderr
+        texts = [line.split("\t")[-1] for line in theirs.stdout.decode().splitlines()]
+        assert texts == [line.split("\t")[-1] for line in ours.stdout.decode().splitlines()]
+        assert texts[0] == SOURCES[3] and long.startswith(texts[1])
     nbest = nmt("translate", "--engine", "ctranslate2", "-m", str(tmp_path / "none"), "--beam", "3", "--nbest", "2",
                 *CPU, stdin=f"{SOURCES[3]}\n".encode())
     assert [line.split("\t")[::2] for line in nbest.stdout.decode().splitlines()][0] == ["0", SOURCES[3]]
