@@ -38,6 +38,7 @@ FORMATS = ("ctranslate2",)
 QUANTIZATIONS = ("none", "int8", "int16", "float16")
 MANIFEST = "nmt.json"
 MANIFEST_FORMAT = "nmt-ctranslate2"
+MANIFEST_VERSION = 1
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which every nmt LayerNorm uses
 INSTALL_HINT = "CTranslate2 is not installed; install it with: pip install 'nmt[ct2]'"
 
@@ -154,7 +155,7 @@ def write_tokenizers(folder: Path, checkpoint: Checkpoint) -> dict[str, str]:
 def manifest_of(checkpoint: Checkpoint, tokenizers: dict[str, str], quantize: str) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
-        "version": 1,
+        "version": MANIFEST_VERSION,
         "nmt_version": __version__,
         "engine": "ctranslate2",
         "quantization": quantize,
@@ -180,6 +181,9 @@ class ExportedModel:
             manifest = json.loads(path.read_text(encoding="utf-8"))
             if manifest.get("format") != MANIFEST_FORMAT:
                 raise NmtError(f"{path}: not an nmt export manifest")
+            if manifest.get("version") != MANIFEST_VERSION:
+                raise NmtError(f"{path}: export format version {manifest.get('version')} is not supported by nmt "
+                               f"{__version__} (expects {MANIFEST_VERSION}); export the checkpoint again")
             normalization = manifest["normalization"]
             self.src_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["src"], normalization)
             self.tgt_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["tgt"], normalization)

@@ -5,6 +5,7 @@ model copies through `nmt translate --engine ctranslate2`; bad input is one line
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from nmt.search import Hypothesis, length_penalty, max_output_lengths
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from nmt.translate import Translator
 from tests.conftest import make_parallel
-from tests.test_cli_translate import CPU, GERMAN, SOURCES, assert_one_line_error, nmt
+from tests.test_cli_translate import CPU, GERMAN, SOURCES, _read_line, assert_one_line_error, nmt
 from tests.test_search import teacher_forced
 
 runner = CliRunner()
@@ -215,6 +216,23 @@ def test_copy_model_through_the_cli_keeps_lines_and_copies(copy_model: Path, tmp
     assert [line.split("\t")[::2] for line in nbest.stdout.decode().splitlines()][0] == ["0", SOURCES[3]]
 
 
+def test_streaming_answers_each_line_before_stdin_closes(copy_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    folder = export_checkpoint(copy_model, tmp_path / "ct2")
+    exe = Path(sys.executable).with_name("nmt")
+    with subprocess.Popen([str(exe), "translate", "--engine", "ctranslate2", "-m", str(folder), *CPU],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        try:
+            for line in (SOURCES[0], GERMAN):
+                proc.stdin.write(line.encode() + b"\n")
+                proc.stdin.flush()
+                assert _read_line(proc.stdout) == line.encode() + b"\n"
+            proc.stdin.close()
+            assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+        finally:
+            proc.kill()
+
+
 def test_rnn_checkpoints_are_refused_in_one_line(joint_spm: Path, tmp_path: Path) -> None:
     tokenizer = Tokenizer.load(joint_spm)
     config = Config()
@@ -239,9 +257,15 @@ def test_without_ctranslate2_the_commands_say_how_to_install_it(copy_model: Path
 
 def test_bad_folders_and_options_are_one_line_errors(copy_model: Path, tmp_path: Path) -> None:
     pytest.importorskip("ctranslate2")
-    folder = tmp_path / "ct2"
-    assert runner.invoke(app, ["export", str(copy_model), "-o", str(folder)]).exit_code == 0
+    folder, damaged, future = tmp_path / "ct2", tmp_path / "damaged", tmp_path / "future"
+    for path in (folder, damaged, future):
+        assert runner.invoke(app, ["export", str(copy_model), "-o", str(path)]).exit_code == 0
+    (damaged / "nmt.json").write_text("{")
+    manifest = json.loads((future / "nmt.json").read_text())
+    (future / "nmt.json").write_text(json.dumps({**manifest, "version": 99}))
     cases = [
+        (["translate", "--engine", "ctranslate2", "-m", str(damaged)], "damaged manifest"),
+        (["translate", "--engine", "ctranslate2", "-m", str(future)], "export format version 99 is not supported"),
         (["export", str(copy_model), "-o", str(folder)], "already exists"),
         (["export", str(copy_model), "-o", str(tmp_path / "x"), "--quantize", "int4"], "unknown quantization 'int4'"),
         (["export", str(copy_model), "-o", str(tmp_path / "x"), "--format", "onnx"], "unknown export format 'onnx'"),
