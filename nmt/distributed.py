@@ -78,11 +78,11 @@ class Distributed:
         dist.all_reduce(tensor, op=op)
         return tensor.item()
 
-    def sum_int(self, value: int) -> int:
-        return int(self._reduce(value, torch.int64)) if self.enabled else value
-
-    def sum_float(self, value: float) -> float:
-        return float(self._reduce(value, torch.float64)) if self.enabled else value
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` summed, in place, in one all-reduce (several statistics at once)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
 
     def max_int(self, value: int) -> int:
         return int(self._reduce(value, torch.int64, dist.ReduceOp.MAX)) if self.enabled else value

@@ -1,26 +1,34 @@
 """One optimiser update: forward and fused loss per batch, gradient accumulation, DDP, clipping, the step.
 
-The loss is summed over target tokens and divided by the target tokens of the whole update
-(every rank's), so accumulation and data parallelism weigh every token alike.
+The loss is summed over target tokens and the gradients are divided by the target tokens of the
+whole update (every rank's), so accumulation and data parallelism weigh every token alike.
+
+The device never waits for the host: the next update's batches are collated (and pinned, on a
+GPU) in a background thread while this one computes; losses are summed on the device; one
+all-reduce per update carries loss, NLL and token count together, and reading it is the update's
+single host synchronisation (it also decides, on every rank alike, whether the loss is finite).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
 from nmt.config import Config
-from nmt.data import EncodedSplit, collate
+from nmt.data import Batch, EncodedSplit, collate
 from nmt.device import autocast
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.loss import label_smoothed_loss
 from nmt.optim import LearningRate, build_optimizer
 from nmt.train.run_directory import RunDirectory
+
+Group = Sequence[Sequence[int]]  # an update's batches, each a list of example indices
 
 
 class UpdateStep:
@@ -35,6 +43,8 @@ class UpdateStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.last_rate = 0.0
         self._ddp_model: nn.Module | None = None
+        self._collator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-collate")
+        self._prefetched: tuple[Group, Future[list[Batch]]] | None = None
 
     @property
     def ddp_model(self) -> nn.Module:
@@ -43,48 +53,60 @@ class UpdateStep:
             self._ddp_model = self.dist.wrap(self.model)
         return self._ddp_model
 
-    def __call__(self, group: Sequence[Sequence[int]], update: int) -> tuple[float, float, int]:
+    def __call__(self, group: Group, update: int, next_group: Group | None = None) -> tuple[float, float, int]:
         """Update number `update` over the batches of example indices in `group`; returns summed loss, NLL
-        and target tokens over every rank."""
+        and target tokens over every rank. `next_group`, if known, is collated meanwhile."""
         self.model.train()
-        pin = self.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
-        batches = [collate([self.split[i] for i in batch], pin_memory=pin) for batch in group]
-        total_tokens = self.dist.sum_int(sum(b.tgt_tokens for b in batches))
-        # DDP averages gradients over ranks; scaling by world size turns that into a per-token mean.
-        scale = self.dist.world_size / total_tokens
-        loss_sum = nll_sum = 0.0
+        batches = self._collated(group)
+        if next_group:
+            self._prefetched = (next_group, self._collator.submit(self._collate, next_group))
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, NLL, target tokens: on the device
         for index, batch in enumerate(batches):
-            batch = batch.to(self.device, non_blocking=pin)
+            batch = batch.to(self.device, non_blocking=batch.src.is_pinned())
             try:
                 # Gradients are all-reduced only in the backward pass of the update's last batch.
                 with self.dist.no_sync(self.ddp_model, skip=index < len(batches) - 1):
                     with autocast(self.device, self.amp_dtype):
                         features = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                         loss, nll = label_smoothed_loss(
-                            features, self.model.output.weight, batch.tgt_out, self.cfg.label_smoothing
+                            features, self.model.output_projection(), batch.tgt_out, self.cfg.label_smoothing
                         )
-                    self.scaler.scale(loss * scale).backward()
+                    self.scaler.scale(loss).backward()
             except torch.OutOfMemoryError:
                 raise NmtError(
                     f"out of memory at update {update} on {self.device} (batch of {batch.size} sentences); "
                     "lower train.max_tokens and raise train.accum_steps"
                 ) from None
-            loss_sum += loss.item()
-            nll_sum += nll.item()
-        loss_sum, nll_sum = self.dist.sum_float(loss_sum), self.dist.sum_float(nll_sum)
+            sums += torch.stack([loss.detach().double(), nll.double(), sums.new_tensor(batch.tgt_tokens)])
+        loss_sum, nll_sum, total_tokens = self.dist.sum_tensor(sums).tolist()  # the one host sync
         if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:  # the same decision on every rank
             raise NmtError(
                 f"loss became {loss_sum} at update {update}; stopped without saving, "
                 f"the last good checkpoint is {self.run_dir.latest() or 'none'} "
                 "(try a lower train.lr or longer train.warmup)"
             )
-        self._step(update)
-        return loss_sum, nll_sum, total_tokens
+        self._step(update, self.dist.world_size / total_tokens)
+        return loss_sum, nll_sum, int(total_tokens)
 
-    def _step(self, update: int) -> None:
+    def _collate(self, group: Group) -> list[Batch]:
+        pin = self.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
+        return [collate([self.split[i] for i in batch], pin_memory=pin) for batch in group]
+
+    def _collated(self, group: Group) -> list[Batch]:
+        """`group`'s batches: those the background thread prepared, or collated now."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == group:
+            return prefetched[1].result()
+        return self._collate(group)
+
+    def _step(self, update: int, gradient_scale: float) -> None:
+        """Scale the summed gradients to a per-token mean (DDP already averaged them over ranks,
+        hence the world size in `gradient_scale`), clip, and step."""
         self.last_rate = self.schedule.apply(self.optimizer, update)
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16 scales the loss
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, gradient_scale)
         if self.cfg.clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
         self.scaler.step(self.optimizer)  # skips the step on inf/NaN gradients in fp16
         self.scaler.update()

@@ -81,9 +81,10 @@ class Trainer:
         self.monitor.message(f"resumed from {path} at update {self.progress.update}, "
                              f"epoch {self.progress.epoch}{resets}")
 
-    def update(self, group: list[list[int]]) -> tuple[float, float, int]:
-        """One optimiser update over `group` batches; returns summed loss, NLL and target tokens."""
-        return self.step(group, self.progress.update + 1)
+    def update(self, group: list[list[int]], next_group: list[list[int]] | None = None) -> tuple[float, float, int]:
+        """One optimiser update over `group` batches (`next_group` is collated meanwhile);
+        returns summed loss, NLL and target tokens."""
+        return self.step(group, self.progress.update + 1, next_group)
 
     def train(self) -> TrainResult:
         """Run until a limit, early stopping or a stop signal; always end on a saved checkpoint."""
@@ -104,8 +105,9 @@ class Trainer:
         """One update on the next `accum_steps` batches of the epoch; returns whether it ended the epoch."""
         progress = self.progress
         batches = self.sampler.batches(progress.epoch)
-        group = batches[progress.position:progress.position + self.cfg.accum_steps]
-        loss, nll, tokens = self.update(group)
+        start, size = progress.position, self.cfg.accum_steps
+        group, upcoming = batches[start:start + size], batches[start + size:start + 2 * size]
+        loss, nll, tokens = self.update(group, upcoming)
         progress.update += 1
         progress.position += len(group)
         progress.target_tokens += tokens

@@ -79,7 +79,8 @@ class Validator:
             batch = collate([split[i] for i in batch_ids]).to(self.device)
             with autocast(self.device, self.amp_dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
-                loss, nll = label_smoothed_loss(features, model.output.weight, batch.tgt_out, self.label_smoothing)
+                loss, nll = label_smoothed_loss(features, model.output_projection(), batch.tgt_out,
+                                                self.label_smoothing)
             loss_sum += loss.item()
             nll_sum += nll.item()
             tokens += batch.tgt_tokens
