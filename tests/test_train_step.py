@@ -1,0 +1,28 @@
+"""UpdateStep: the batches collated in the background are the ones trained on, and give the same update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nmt.train import Trainer
+from tests.test_train import make_config
+
+
+def test_prefetched_batches_give_the_same_updates(toy_data: Path, tmp_path: Path) -> None:
+    extra = ["train.max_tokens=300", "train.accum_steps=2", "model.dropout=0.0", "train.valid_bleu=false",
+             "train.best_metric=loss"]
+    plain, prefetching = (Trainer(make_config(toy_data, tmp_path / name, *extra)) for name in ("a", "b"))
+    batches = plain.sampler.batches(1)
+    groups = [batches[i:i + 2] for i in range(0, 8, 2)]
+    for index, group in enumerate(groups[:3]):
+        expected = plain.update(group)
+        plain.progress.update += 1
+        got = prefetching.update(group, groups[index + 1])  # the next group is collated meanwhile
+        prefetching.progress.update += 1
+        assert got == expected
+    assert prefetching.step._prefetched is not None and prefetching.step._prefetched[0] == groups[3]
+    for (name, a), b in zip(plain.model.state_dict().items(), prefetching.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert prefetching.step._collated(groups[0]) is not None and prefetching.step._prefetched is None  # a miss
