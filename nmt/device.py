@@ -27,6 +27,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise NmtError(f"device {name!r} requested but CUDA is not available")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise NmtError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels, streams and NCCL of this process go to the GPU asked for
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise NmtError("device 'mps' requested but MPS is not available")
     return device

@@ -24,6 +24,17 @@ from nmt.errors import NmtError
 T = TypeVar("T")
 
 
+def local_cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of this process: its local rank where every process sees all of the node's GPUs, and
+    the only one where each sees just its own (SLURM's --gpus-per-task, CUDA_VISIBLE_DEVICES per rank)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise NmtError(f"LOCAL_RANK {local_rank} but only {visible} GPUs are visible to this process; "
+                       "give each process one GPU or all of them")
+    return local_rank
+
+
 @dataclass
 class Distributed:
     rank: int = 0
@@ -47,9 +58,7 @@ class Distributed:
             return cls()
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            if local_rank >= torch.cuda.device_count():
-                raise NmtError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s)")
-            device, backend = torch.device("cuda", local_rank), "nccl"
+            device, backend = torch.device("cuda", local_cuda_index(local_rank, torch.cuda.device_count())), "nccl"
             torch.cuda.set_device(device)
         else:
             device, backend = torch.device("cpu"), "gloo"

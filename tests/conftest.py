@@ -120,3 +120,13 @@ def copy_model(copy_spm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from tests.copy_model import save_copy_checkpoint
 
     return save_copy_checkpoint(Tokenizer.load(copy_spm), tmp_path_factory.mktemp("copy") / "copy.pt")
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request: pytest.FixtureRequest) -> str:
+    """Run a test on the CPU, and on CUDA where there is one (skipped elsewhere)."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param

@@ -82,9 +82,9 @@ def encoder_outputs(memory: object) -> torch.Tensor:
 @pytest.mark.parametrize("keep_attention", [False, True])
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.no_grad()
-def test_step_matches_forward_also_after_reorder(name: str, keep_attention: bool) -> None:
-    model = make_model(name)
-    src, src_mask, tgt, _ = toy_batch()
+def test_step_matches_forward_also_after_reorder(name: str, keep_attention: bool, device: str) -> None:
+    model = make_model(name).to(device)
+    src, src_mask, tgt, _ = (t.to(device) for t in toy_batch())
     full = full_log_probs(model, src, src_mask, tgt)
     state = model.init_state(model.encode(src, src_mask), src_mask, keep_attention=keep_attention)
     for t in range(3):
@@ -92,7 +92,7 @@ def test_step_matches_forward_also_after_reorder(name: str, keep_attention: bool
         assert log_probs.dtype == torch.float32
         torch.testing.assert_close(log_probs, full[:, t], rtol=0, atol=1e-5)
     # beam-style: permute and duplicate rows, then keep decoding
-    index = torch.randperm(4, generator=torch.Generator().manual_seed(3)).repeat_interleave(2)
+    index = torch.randperm(4, generator=torch.Generator().manual_seed(3)).repeat_interleave(2).to(device)
     state = model.reorder_state(state, index)
     full = full_log_probs(model, src[index], src_mask[index], tgt[index])
     for t in range(3, tgt.size(1)):
@@ -100,7 +100,7 @@ def test_step_matches_forward_also_after_reorder(name: str, keep_attention: bool
         torch.testing.assert_close(log_probs, full[:, t], rtol=0, atol=1e-5)
         if keep_attention:
             weights = state["attention"]  # (B', layers, S)
-            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2], device=device))
             assert not weights.masked_select(~src_mask[index][:, None, :]).any()
     assert keep_attention == ("attention" in state)
 

@@ -31,9 +31,9 @@ def models(copy_model: Path, tiny_models: dict[str, Path]) -> dict[str, Path]:
     return {"copy": copy_model, **tiny_models}
 
 
-def translator(checkpoint: Path | Checkpoint, **decode: object) -> Translator:
+def translator(checkpoint: Path | Checkpoint, device: str = "cpu", **decode: object) -> Translator:
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", precision="fp32")
+    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device=device, precision="fp32")
 
 
 def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]:
@@ -42,8 +42,8 @@ def best(results: list[list[Translation]]) -> list[tuple[str, list[int], float]]
 
 @pytest.mark.parametrize("beam", [1, 5])
 @pytest.mark.parametrize("model", MODELS)
-def test_batch_invariance_and_order(models: dict[str, Path], model: str, beam: int) -> None:
-    tr = translator(models[model], beam=beam)
+def test_batch_invariance_and_order(models: dict[str, Path], model: str, beam: int, device: str) -> None:
+    tr = translator(models[model], device, beam=beam)
     alone = [tr.translate_nbest([text])[0][0] for text in SOURCES]
     if model == "copy":
         assert [t.text for t in alone] == SOURCES  # fixed by construction: varied, never empty

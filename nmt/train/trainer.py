@@ -75,7 +75,7 @@ class Trainer:
         self.step.load_state_dict(ckpt.train_state, reset)
         self.progress = Progress.from_state_dict(ckpt.train_state["progress"], reset_best="best" in reset)
         self.progress.skip_finished_epoch(len(self.sampler.batches(self.progress.epoch)))
-        restore_rng(ckpt.train_state["rng"][self.dist.rank])
+        restore_rng(ckpt.train_state["rng"][self.dist.rank], self.device)
         self.last_saved = path
         resets = f" (reset: {', '.join(reset)})" if reset else ""
         self.monitor.message(f"resumed from {path} at update {self.progress.update}, "
@@ -165,7 +165,7 @@ class Trainer:
     def _save(self, validation: dict[str, Any] | None) -> None:
         """Write update_N.pt (best.pt too if `validation` improved) and config.toml on rank 0; every rank waits."""
         self.progress.elapsed, self.progress.validation_seconds = self.meter.elapsed(), self.meter.validation_seconds
-        rng = self.dist.gather_object(capture_rng())
+        rng = self.dist.gather_object(capture_rng(self.device))
         if self.dist.is_main:
             state = {**self.step.state_dict(), "progress": self.progress.state_dict(), "rng": rng}
             checkpoint = Checkpoint(self.config, self.model.state_dict(), self.data.src_tokenizer,
