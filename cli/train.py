@@ -127,6 +127,7 @@ def train(
         result = trainer.train()
     finally:
         monitor.stop()
+    trainer.dist.close()
     if not trainer.dist.is_main:
         return
     console.print(summary_table("Training", _summary(result, config.train.best_metric)))

@@ -87,6 +87,11 @@ class Distributed:
         dist.all_reduce(tensor, op=op)
         return tensor.item()
 
+    def close(self) -> None:
+        """Leave the process group (at the end of a process's training), so NCCL exits cleanly."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's `tensor` summed, in place, in one all-reduce (several statistics at once)."""
         if self.enabled:
