@@ -87,3 +87,39 @@ def test_chunks_are_longest_first_within_the_token_budget() -> None:
     assert _chunks(sources, tokens=6) == [[4], [2], [0, 1, 3]]
     assert _chunks(sources, tokens=2) == [[4], [2], [0], [1, 3]]  # a sentence over budget is a chunk alone
     assert _chunks([], tokens=6) == []
+
+
+class OneOfTwoRanks:
+    """Rank `rank` of two, the other rank's contributions replayed from `other` (what all-reduce and
+    all-gather would bring); records its own contributions for the other rank."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, other: dict | None = None) -> None:
+        self.rank, self.other, self.sent = rank, other or {}, {}
+
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.sent["sums"] = tensor.clone()
+        return tensor + self.other["sums"] if self.other else tensor
+
+    def gather_object(self, value: dict) -> list[dict]:
+        self.sent["translated"] = value
+        if self.other:
+            return [value, self.other["translated"]]
+        return [dict.fromkeys(range(100), ""), value]  # a first pass, only to record this rank's share
+
+
+def test_ranks_split_validation_and_gather_the_single_process_result(model_and_data) -> None:
+    """Under DDP each rank validates its share; summed and gathered, the record is the one process's."""
+    model, data = model_and_data
+    alone = make_validator(data, max_sentences=7)(model, 3, 1)
+    second = OneOfTwoRanks(1)
+    validator = Validator(data.split("valid"), data.tgt_tokenizer, DecodeConfig(), batch_tokens=600, max_sentences=7,
+                          bleu=True, label_smoothing=0.1, device=torch.device("cpu"), amp_dtype=None, dist=second)
+    validator(model, 3, 1)
+    assert len(second.sent["translated"]) == 3  # sentences 1, 3, 5 of 0..6
+    first = OneOfTwoRanks(0, other=second.sent)
+    validator.dist = first
+    shared = validator(model, 3, 1)
+    assert shared["bleu"] == alone["bleu"] and shared["example"] == alone["example"]
+    assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-12) and shared["ppl"] == pytest.approx(alone["ppl"])

@@ -64,7 +64,7 @@ class Trainer:
         split, dist = self.train_split, self.dist
         self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
                                          shuffle=True, rank=dist.rank, world_size=dist.world_size)
-        self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype)
+        self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype, self.dist)
         self.progress, self.last_saved, self.last_validation = Progress(), None, None
         if resume:
             self._resume(reset)
@@ -144,13 +144,13 @@ class Trainer:
         return ""
 
     def _validate(self, epoch: int) -> dict[str, Any] | None:
-        """Validate on rank 0 (the others wait for its record), log it, update best, patience and plateau.
+        """Validate (every rank its share), log the record, update best, patience and plateau.
         Its time is kept out of training rates."""
         if self.validator is None:
             return None
         started = time.perf_counter()
-        record = self.validator(self.model, self.progress.update, epoch, self.monitor) if self.dist.is_main else None
-        record = self.dist.broadcast_object(record)
+        record = self.validator(self.model, self.progress.update, epoch, self.monitor)
+        record = self.dist.broadcast_object(record)  # rank 0's, to the letter, on every rank
         self.meter.exclude(time.perf_counter() - started)
         score, higher = record[self.cfg.best_metric], HIGHER_IS_BETTER[self.cfg.best_metric]
         improved = self.progress.improvement.observe(score, higher)

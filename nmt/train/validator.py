@@ -3,7 +3,9 @@
 What bounds its cost: the loss is one teacher-forced pass (cheap); decoding is what costs,
 and an untrained model runs every sentence to its length limit. So BLEU decodes greedily only
 the first `max_sentences` sentences, with outputs of at most 1.2 * source length + 10 tokens
-(translation's default allows 1.5 * source + 10), and reports its progress.
+(translation's default allows 1.5 * source + 10), and reports its progress. Under DDP every rank
+takes its share of the batches and sentences, and the sums and translations are gathered, so no
+rank idles while another validates.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from nmt.config import Config, DecodeConfig
 from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler, collate, source_ids
 from nmt.device import autocast
+from nmt.distributed import Distributed
 from nmt.evaluate import corpus_scores
 from nmt.loss import label_smoothed_loss
 from nmt.progress import SILENT, Reporter
@@ -40,22 +43,23 @@ class Validator:
 
     def __init__(self, split: EncodedSplit, tokenizer: Tokenizer, decode: DecodeConfig, *, batch_tokens: int,
                  max_sentences: int, bleu: bool, label_smoothing: float, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, dist: Distributed | None = None) -> None:
         self.split, self.tokenizer, self.search = split, tokenizer, validation_search(decode)
+        self.dist = dist or Distributed()
         self.batch_tokens, self.bleu, self.label_smoothing = batch_tokens, bleu, label_smoothing
         self.sentences = len(split) if not max_sentences else min(len(split), max_sentences)
         self.device, self.amp_dtype = device, amp_dtype
 
     @classmethod
     def for_run(cls, data: PreparedData, config: Config, device: torch.device,
-                amp_dtype: torch.dtype | None) -> Validator | None:
+                amp_dtype: torch.dtype | None, dist: Distributed | None = None) -> Validator | None:
         """The validator of a training run (None when the data has no valid split), with the run's batch size."""
         if not data.has_split("valid"):
             return None
         train = config.train
         return cls(data.split("valid"), data.tgt_tokenizer, config.decode, batch_tokens=train.max_tokens,
                    max_sentences=train.valid_max_sentences, bleu=train.valid_bleu,
-                   label_smoothing=train.label_smoothing, device=device, amp_dtype=amp_dtype)
+                   label_smoothing=train.label_smoothing, device=device, amp_dtype=amp_dtype, dist=dist)
 
     @torch.inference_mode()
     def __call__(self, model: nn.Module, update: int, epoch: int, reporter: Reporter = SILENT) -> dict[str, Any]:
@@ -70,34 +74,37 @@ class Validator:
         return record
 
     def _loss(self, model: nn.Module) -> dict[str, float]:
-        """Teacher-forced loss per target token, and perplexity, over the whole split."""
-        loss_sum = nll_sum = 0.0
-        tokens = 0
-        split = self.split
+        """Teacher-forced loss per target token, and perplexity, over the whole split (this rank's batches,
+        summed over ranks on the device and read once)."""
+        split, dist = self.split, self.dist
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, NLL, target tokens
         sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, self.batch_tokens, seed=0, shuffle=False)
-        for batch_ids in sampler.batches(1):
+        for batch_ids in sampler.batches(1)[dist.rank::dist.world_size]:
             batch = collate([split[i] for i in batch_ids]).to(self.device)
             with autocast(self.device, self.amp_dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                 loss, nll = label_smoothed_loss(features, model.output_projection(), batch.tgt_out,
                                                 self.label_smoothing)
-            loss_sum += loss.item()
-            nll_sum += nll.item()
-            tokens += batch.tgt_tokens
+            sums += torch.stack([loss.double(), nll.double(), sums.new_tensor(batch.tgt_tokens)])
+        loss_sum, nll_sum, tokens = dist.sum_tensor(sums).tolist()
         return {"loss": loss_sum / tokens, "ppl": math.exp(min(nll_sum / tokens, 50.0))}
 
     def _decode(self, model: nn.Module, reporter: Reporter) -> list[str]:
-        """Greedy translations of the first `sentences` sources, in order, a few batches at a time for progress."""
-        sources = [source_ids(self.split[i][0]) for i in range(self.sentences)]
-        hypotheses = [""] * len(sources)
+        """Greedy translations of the first `sentences` sources, in order: this rank translates every
+        world_size-th one, a few batches at a time for progress, and the ranks' translations are gathered."""
+        dist = self.dist
+        mine = list(range(dist.rank, self.sentences, dist.world_size))
+        sources = [source_ids(self.split[i][0]) for i in mine]
+        translated: dict[int, str] = {}
         advance = reporter.task("validation BLEU", total=len(sources), unit="sentences")
         for chunk in _chunks(sources, self.batch_tokens * BATCHES_PER_STEP):
             with autocast(self.device, self.amp_dtype):
                 results = translate_ids(model, [sources[i] for i in chunk], self.search, self.batch_tokens, self.device)
             for index, found in zip(chunk, results, strict=True):
-                hypotheses[index] = self.tokenizer.decode(found[0].tokens)
+                translated[mine[index]] = self.tokenizer.decode(found[0].tokens)
             advance(len(chunk))
-        return hypotheses
+        gathered = {index: text for part in dist.gather_object(translated) for index, text in part.items()}
+        return [gathered[index] for index in range(self.sentences)]
 
 
 def _chunks(sources: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
