@@ -85,6 +85,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"
     threads: int = 0  # CPU threads for torch, 0 = all cores: `nmt train` applies it (the API: nmt.device.tune_cpu)
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (fp16 on CUDA only, with loss scaling)
+    deterministic: bool = False  # deterministic kernels (CUDA: for bitwise resume, at some speed); the CPU always is
     max_tokens: int = 4096  # padded tokens per batch and per process (see TokenBatchSampler)
     accum_steps: int = 1  # batches accumulated into one update
     max_updates: int = 0  # stop after this many updates; 0 = no limit

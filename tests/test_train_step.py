@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from nmt.train import Trainer
@@ -26,3 +28,15 @@ def test_prefetched_batches_give_the_same_updates(toy_data: Path, tmp_path: Path
     for (name, a), b in zip(plain.model.state_dict().items(), prefetching.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert prefetching.step._collated(groups[0]) is not None and prefetching.step._prefetched is None  # a miss
+
+
+def test_deterministic_training_asks_torch_for_deterministic_kernels(toy_data: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer(make_config(toy_data, tmp_path / "d", "train.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(previous)

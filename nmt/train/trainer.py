@@ -9,6 +9,7 @@ at its limit does no update at all.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 from contextlib import ExitStack
@@ -49,6 +50,8 @@ class Trainer:
         self.dist = Distributed.from_environment()
         self.device = self.dist.device if self.dist.enabled else resolve_device(cfg.device)
         check_precision(cfg.precision, self.device)
+        if cfg.deterministic:
+            use_deterministic_kernels()
         self.monitor: Monitor = monitor if (monitor is not None and self.dist.is_main) else SilentMonitor()
         self.run_dir = RunDirectory(Path(cfg.run_dir))
         self.dist.main_only(lambda: self.run_dir.check_available(resume))
@@ -187,6 +190,14 @@ class Trainer:
         return TrainResult(self.progress.update, self.progress.epoch - 1, reason, self.last_saved,
                            best if best.exists() else None, self.progress.best, self.meter.elapsed(),
                            self.meter.validation_seconds, self.progress.target_tokens, self.last_validation)
+
+
+def use_deterministic_kernels() -> None:
+    """train.deterministic: the same kernels, with the same reduction order, at every run, which a
+    bitwise resume on CUDA needs (cuBLAS needs its workspace fixed before its first call)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def numbers(record: dict[str, Any]) -> dict[str, float]:
