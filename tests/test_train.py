@@ -110,6 +110,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                    reason="with CUDA, DDP puts each process on its own GPU: needs 2")
 def test_two_process_ddp_matches_one_process_with_accumulation(toy_data: Path, tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(toy_data), str(tmp_path / "ddp"), str(tmp_path / "out.json")),
              nprocs=2)
