@@ -11,7 +11,7 @@ from cli.common import err_console, handle_errors
 from nmt.device import tune_cpu
 from nmt.errors import NmtError
 from nmt.io import check_readable
-from nmt.service import Limits, Service, resolve_pairs
+from nmt.service import Limits, Service, resolve_pairs, serving_threads
 
 LIMITS = Limits()  # the defaults, shown in --help
 
@@ -40,8 +40,8 @@ def serve(
     precision: Annotated[str, typer.Option(
         help="auto (bf16 where measured faster), fp32, bf16 or fp16 (GPU).")] = "auto",
     threads: Annotated[int, typer.Option(
-        help="torch threads, shared by every model's decoding worker (0 = all cores); one worker per model, "
-             "so with several busy models each gets about cores / models.")] = 0,
+        help="torch threads of each model's decoding worker; 0: the cores but one (left to HTTP and clients), "
+             "divided among the models.")] = 0,
 ) -> None:
     """Serve translations over HTTP: POST /translate, GET /languages, GET /health (LibreTranslate-compatible)."""
     try:
@@ -49,13 +49,15 @@ def serve(
         from nmt.serve import serve as run_server
     except ImportError as exc:  # the optional extra
         raise NmtError(f"nmt serve needs FastAPI and uvicorn ({exc}): pip install 'nmt[serve]'") from None
+    if threads < 0:
+        raise NmtError(f"--threads must be >= 0, got {threads}")
     if grace < 0:
         raise NmtError(f"--grace must be >= 0, got {grace}")
     for path in model:
         check_readable(path)
     limits = Limits(max_sentences, max_chars, max_batch_tokens, max_wait_ms, max_queue, timeout)
     service = Service(model, resolve_pairs(model, pair or []), limits)
-    tune_cpu(threads)
+    tune_cpu(serving_threads(threads, len(model)))
     try:
         run_server(service, Listen(host, port, grace), device, precision)
     except KeyboardInterrupt:  # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown: that is a clean stop

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -98,6 +99,18 @@ class Engine(Protocol):
 def load_engine(path: Path, device: str, precision: str) -> Engine:
     """The one place that knows model formats: an nmt checkpoint file (a CTranslate2 folder plugs in here)."""
     return Translator.from_checkpoint(path, device=device, precision=precision)
+
+
+def serving_threads(requested: int, models: int) -> int:
+    """torch threads for `nmt serve`: as asked, else the cores but one (the HTTP side's) shared by the models.
+
+    Measured on 2 cores: with 2 threads the decoding threads spin-wait on a core the event loop and
+    the clients need, and a 90 ms request took 3.3 s; with 1 it took 72-92 ms.
+    """
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (cores - 1) // max(models, 1))
 
 
 @dataclass(frozen=True)

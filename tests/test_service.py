@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 from nmt.errors import NmtError
-from nmt.service import Limits, Pair, ServeError, Service, TranslateRequest, parse_pair, resolve_pairs, split_lines
+from nmt.service import (
+    Limits,
+    Pair,
+    ServeError,
+    Service,
+    TranslateRequest,
+    parse_pair,
+    resolve_pairs,
+    serving_threads,
+    split_lines,
+)
 from tests.conftest import make_parallel
 
 SOURCES = make_parallel(4, seed=5)[0]
@@ -39,6 +49,13 @@ def test_limits_must_be_positive() -> None:
         Limits(max_sentences=0, timeout=-1).check()
     with pytest.raises(NmtError, match="--max-wait-ms must be >= 0"):
         Limits(max_wait_ms=-1).check()
+
+
+def test_serving_threads_leave_a_core_to_http_and_share_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert [serving_threads(0, 1), serving_threads(0, 2), serving_threads(0, 16), serving_threads(3, 2)] == [7, 3, 1, 3]
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert serving_threads(0, 1) == 1
 
 
 def test_split_lines_keeps_every_line_and_empty_texts() -> None:
