@@ -111,33 +111,34 @@ class CT2Translator(Translator):
         if self.decode.sampling:  # CTranslate2 has one generator per process: seeded per chunk, as nmt's per batch
             self.ctranslate2.set_random_seed(self.decode.seed)
         for chunk in self._batches(sources, limits):
-            found = self._search_batch([sources[i] for i in chunk], limits[chunk[0]])
+            found = self._search_batch([sources[i] for i in chunk], [limits[i] for i in chunk])
             for index, hypotheses in zip(chunk, found, strict=True):
                 results[index] = hypotheses
         return results
 
     def _batches(self, sources: Sequence[Sequence[int]], limits: list[int]) -> Iterator[list[int]]:
-        """Indices, longest first, in runs of one length limit of at most `batch_tokens` source tokens x rows."""
+        """Indices, longest first, in runs of at most `batch_tokens` source tokens x rows; for beam search
+        also of one length limit (the limit shapes a beam search; greedy and sampled outputs are cut)."""
         rows = max(self.decode.nbest if self.decode.sampling else self.decode.beam, 1)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
         chunk: list[int] = []
         for index in order:
             full = chunk and (len(chunk) + 1) * len(sources[chunk[0]]) * rows > self.batch_tokens
-            if chunk and (full or limits[index] != limits[chunk[0]]):
+            if chunk and (full or (self._beam and limits[index] != limits[chunk[0]])):
                 yield chunk
                 chunk = []
             chunk.append(index)
         if chunk:
             yield chunk
 
-    def _search_batch(self, sources: list[Sequence[int]], limit: int) -> list[list[Hypothesis]]:
-        """One CTranslate2 call for sentences sharing the length `limit` (EOS counted)."""
+    def _search_batch(self, sources: list[Sequence[int]], limits: list[int]) -> list[list[Hypothesis]]:
+        """One CTranslate2 call; each output is cut one token short of its sentence's limit (EOS counted)."""
         tokens = [[self.src_pieces[i] for i in source[:-1]] for source in sources]  # CTranslate2 adds EOS
-        if limit == 1:  # nothing but EOS fits
-            found: list[list[Found]] = [[([], None)] for _ in sources]
-        else:
-            outputs = self.engine.translate_batch(tokens, **self._options(limit - 1))
-            found = [[self._found(h, s) for h, s in zip(o.hypotheses, o.scores, strict=True)] for o in outputs]
+        found: list[list[Found]] = [[([], None)] for _ in sources]  # where nothing but EOS fits
+        if max(limits) > 1:
+            outputs = self.engine.translate_batch(tokens, **self._options(max(limits) - 1))
+            found = [[self._found(h, s, limit) for h, s in zip(o.hypotheses, o.scores, strict=True)]
+                     for o, limit in zip(outputs, limits, strict=True)]
         return [self._ranked(hypotheses) for hypotheses in self._teacher_forced(tokens, found)]
 
     def _options(self, max_length: int) -> dict[str, Any]:
@@ -159,13 +160,19 @@ class CT2Translator(Translator):
         return options
 
     @property
+    def _beam(self) -> bool:
+        return self.decode.beam > 1 and not self.decode.sampling
+
+    @property
     def _penalised(self) -> bool:
         """Beam search with a length penalty: CTranslate2 divides scores by len^alpha and stops after `beam` ends."""
-        return self.decode.beam > 1 and not self.decode.sampling and self.decode.alpha > 0
+        return self._beam and self.decode.alpha > 0
 
-    def _found(self, hypothesis: list[str], score: float) -> Found:
+    def _found(self, hypothesis: list[str], score: float, limit: int) -> Found:
         """Ids and the summed log-probability; None where it must be teacher-forced (cut at the limit, sampled)."""
         ids = [self.tgt_ids[piece] for piece in hypothesis]
+        if len(ids) >= limit:  # greedy and sampled outputs of a batch run to its longest limit
+            return ids[: limit - 1], None
         if not ids or ids[-1] != EOS_ID or self.decode.sampling:
             return ids, None
         return ids, score * len(ids) ** (self.decode.alpha if self._penalised else 0.0)
