@@ -19,6 +19,7 @@ from nmt.checkpoint import average_checkpoints
 from nmt.device import tune_cpu
 from nmt.errors import NmtError
 from nmt.io import LineStream, atomic_path, check_readable, count_lines, is_stream
+from nmt.train import last_checkpoints
 from nmt.translate import BATCH_TOKENS, BUFFER_LINES, LineResult, Translator
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -58,7 +59,8 @@ def build_translator(model: Path, threads: int, **options: Any) -> Translator:
     tune_cpu(threads)
     translator = Translator.from_checkpoint(model, **options)
     if translator.precision.gflops:  # "auto" measured this machine: say what it found
-        err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False, soft_wrap=True)
+        err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False,
+                          soft_wrap=True)
     return translator
 
 
@@ -71,20 +73,25 @@ class DecodingOptions:
 
     beam: Annotated[int | None, typer.Option(help="Beam size; 1 is greedy search.")] = None
     alpha: Annotated[float | None, typer.Option(help="Length penalty exponent; 0 turns it off.")] = None
-    length_penalty: Annotated[str | None, typer.Option(help="gnmt: ((5+len)/6)^alpha, or average: len^alpha (EOS counts in len).")] = None
+    length_penalty: Annotated[str | None, typer.Option(
+        help="gnmt: ((5+len)/6)^alpha, or average: len^alpha (EOS counts in len).")] = None
     max_len_a: Annotated[float | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None
     max_len_b: Annotated[int | None, typer.Option(help="Output limit per sentence: a * source length + b.")] = None
     min_len: Annotated[int | None, typer.Option(help="Never end a translation before this many tokens.")] = None
     ban_unk: Annotated[bool | None, typer.Option("--ban-unk/--allow-unk", help="Never produce <unk>.")] = None
-    early_stop: Annotated[bool | None, typer.Option("--early-stop/--exact", help="Stop a sentence once beam hypotheses finished (faster, may miss the best).")] = None
+    early_stop: Annotated[bool | None, typer.Option(
+        "--early-stop/--exact",
+        help="Stop a sentence once beam hypotheses finished (faster, may miss the best).")] = None
     sampling: Annotated[bool | None, typer.Option("--sample/--no-sample", help="Sample instead of searching.")] = None
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature.")] = None
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely tokens (0 = all).")] = None
-    top_p: Annotated[float | None, typer.Option(help="Sample among the smallest set of tokens with this much probability.")] = None
+    top_p: Annotated[float | None, typer.Option(
+        help="Sample among the smallest set of tokens with this much probability.")] = None
     sample_seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None
     batch_tokens: Annotated[int, typer.Option(help="Source tokens × beam per batch.")] = BATCH_TOKENS
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto"
-    precision: Annotated[str, typer.Option(help="auto (bf16 where measured faster: on GPUs and some CPUs), fp32, bf16 or fp16 (GPU).")] = "auto"
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 where measured faster: on GPUs and some CPUs), fp32, bf16 or fp16 (GPU).")] = "auto"
     quantize: Annotated[str, typer.Option(help="none, or int8: dynamic int8 linear layers (CPU).")] = "none"
     threads: Annotated[int, typer.Option(help="CPU threads (0 = all cores).")] = 0
 
@@ -129,12 +136,17 @@ def with_decoding_options(command: F) -> F:
 def translate(
     model: Annotated[Path, typer.Option("--model", "-m", help=(
         "Checkpoint file (from nmt train or nmt average), or with --engine ctranslate2 a folder from nmt export."))],
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
-    nbest: Annotated[int | None, typer.Option(help="Print the N best translations: index<TAB>score<TAB>translation (index from 0; an empty line has one, empty).")] = None,
+    input: Annotated[Path | None, typer.Option(
+        "--input", "-i", help="Input file; default: standard input, translated as lines arrive.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Output file, written atomically; default: standard output.")] = None,
+    nbest: Annotated[int | None, typer.Option(
+        help="Print the N best translations: index<TAB>score<TAB>translation "
+             "(index from 0; an empty line has one, empty).")] = None,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>translation.")] = False,
     buffer_size: Annotated[int, typer.Option(help="Lines read, sorted and batched at a time.")] = BUFFER_LINES,
-    errors: Annotated[str, typer.Option(help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
+    errors: Annotated[str, typer.Option(
+        help="strict: stop at invalid UTF-8; replace: substitute U+FFFD and continue.")] = "strict",
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "nmt",
     *,
     decoding: DecodingOptions,
@@ -151,7 +163,8 @@ def translate(
         _translate_stream(translator, LineStream(sys.stdin.buffer, errors, "stdin"), _utf8_stdout(), show_nbest, scores)
         return
     check_readable(input, stream_ok=True, empty_ok=True)  # an empty file translates to an empty file, as stdin does
-    total = None if is_stream(input) else count_lines(input) if input.stat().st_size else 0  # a pipe can be read only once
+    # a pipe can be read only once: no line count first
+    total = None if is_stream(input) else count_lines(input) if input.stat().st_size else 0
     with open(input, "rb") as source, reporting() as reporter:
         advance = reporter.task("translating", total, "sentences")
         lines_in = LineStream(source, errors, str(input))
@@ -163,7 +176,8 @@ def translate(
     seconds = time.perf_counter() - start
     err_console.print(summary_table("Translation", [
         ("sentences", lines), ("time", f"{seconds:.1f} s"), ("sentences/s", f"{lines / max(seconds, 1e-9):.1f}"),
-        ("beam", translator.decode.beam), ("precision", translator.precision.describe()), ("output", str(output or "stdout")),
+        ("beam", translator.decode.beam), ("precision", translator.precision.describe()),
+        ("output", str(output or "stdout")),
     ]))
 
 
@@ -189,7 +203,8 @@ def _translate_stream(translator: Translator, lines: LineStream, sink: IO[str], 
 
 @handle_errors
 def average(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to average, or one run directory with --last.", show_default=False)],
+    checkpoints: Annotated[list[Path], typer.Argument(
+        help="Checkpoints to average, or one run directory with --last.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Averaged checkpoint, without training state.")],
     last: Annotated[int, typer.Option(help="With a run directory: average its last N update checkpoints.")] = 0,
 ) -> None:
@@ -200,12 +215,12 @@ def average(
     if last:
         if len(paths) != 1 or not paths[0].is_dir():
             raise NmtError("--last N takes exactly one run directory")
-        found = sorted(paths[0].glob("update_*.pt"))
+        found = last_checkpoints(paths[0], last)
         if not found:
             raise NmtError(f"{paths[0]}: no update_*.pt checkpoints")
         if len(found) < last:
             warn(f"{paths[0]} holds only {len(found)} update checkpoint(s); averaging those, not {last}")
-        paths = found[-last:]
+        paths = found
     averaged = average_checkpoints(paths)
     averaged.save(output)
     err_console.print(summary_table("Averaged checkpoint", [

@@ -36,7 +36,8 @@ def nmt(*args: str, stdin: bytes | None = None, **env: str) -> subprocess.Comple
 
 def translations(checkpoint: Path, texts: list[str], **decode: object) -> list[str]:
     ckpt = load_checkpoint(checkpoint)
-    return Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", precision="fp32").translate(texts)
+    translator = Translator(ckpt, decode=replace(ckpt.config.decode, **decode), device="cpu", precision="fp32")
+    return translator.translate(texts)
 
 
 def assert_one_line_error(exit_code: int, stderr: str, message: str) -> None:
@@ -87,7 +88,8 @@ def test_files_with_nbest(copy_model: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"
     source.write_text(f"{SOURCES[0]}\n\n{GERMAN}\n", encoding="utf-8")
     out = tmp_path / "out.txt"
-    result = nmt("translate", "-m", str(copy_model), "-i", str(source), "-o", str(out), "--beam", "5", "--nbest", "3", *CPU)
+    result = nmt("translate", "-m", str(copy_model), "-i", str(source), "-o", str(out), "--beam", "5", "--nbest", "3",
+                 *CPU)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == b"" and b"Translation" in result.stderr  # the summary, on stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]  # no temporary file left
@@ -122,7 +124,8 @@ def test_scores_and_int8_through_the_runner(copy_model: Path) -> None:
     result = runner.invoke(app, ["translate", "-m", checkpoint, "--scores", "--beam", "2", *CPU], input=stdin)
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(checkpoint)
-    expected = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", precision="fp32").translate_nbest(SOURCES[:3])
+    translator = Translator(ckpt, decode=replace(ckpt.config.decode, beam=2), device="cpu", precision="fp32")
+    expected = translator.translate_nbest(SOURCES[:3])
     assert result.stdout == "".join(f"{hyps[0].score:.4f}\t{hyps[0].text}\n" for hyps in expected)
     assert [line.split("\t")[1] for line in result.stdout.splitlines()] == SOURCES[:3]
     quantized = runner.invoke(app, ["translate", "-m", checkpoint, "--quantize", "int8", *CPU], input=stdin)
@@ -142,10 +145,12 @@ def test_error_as_subprocess(copy_model: Path, tmp_path: Path) -> None:
 def test_invalid_utf8_stops_or_is_replaced(copy_model: Path, tmp_path: Path) -> None:
     stdin = b"fine\n\xff\xfe a man\n" + SOURCES[0].encode() + b"\n"
     strict = runner.invoke(app, ["translate", "-m", str(copy_model), *CPU], input=stdin)
-    assert_one_line_error(strict.exit_code, strict.stderr, "stdin: line 2 is not valid UTF-8 (byte 0); use --errors replace")
+    assert_one_line_error(strict.exit_code, strict.stderr,
+                          "stdin: line 2 is not valid UTF-8 (byte 0); use --errors replace")
     bad = tmp_path / "bad.txt"
     bad.write_bytes(stdin)
-    to_file = runner.invoke(app, ["translate", "-m", str(copy_model), "-i", str(bad), "-o", str(tmp_path / "out.txt"), *CPU])
+    to_file = runner.invoke(app, ["translate", "-m", str(copy_model), "-i", str(bad), "-o", str(tmp_path / "out.txt"),
+                                  *CPU])
     assert_one_line_error(to_file.exit_code, to_file.stderr, f"{bad}: line 2 is not valid UTF-8 (byte 0)")
     assert [p.name for p in tmp_path.iterdir()] == ["bad.txt"]  # nothing written, no temporary file left
     result = runner.invoke(app, ["translate", "-m", str(copy_model), "--errors", "replace", *CPU], input=stdin)
@@ -167,10 +172,14 @@ def test_invalid_utf8_stops_or_is_replaced(copy_model: Path, tmp_path: Path) -> 
         (["-m", "{model}", "--batch-tokens", "0"], "--batch-tokens must be positive"),
         (["-m", "{model}", "-i", "{missing}"], "{missing}: no such file"),
         (["-m", "{model}", "--length-penalty", "cubic"], "unknown length penalty 'cubic'"),
-        (["-m", "{model}", "--beam", "2", "--alpha", "nan"], "alpha (the length penalty exponent) must be a finite number >= 0, got nan"),
-        (["-m", "{model}", "--alpha", "-1"], "alpha (the length penalty exponent) must be a finite number >= 0, got -1.0"),
-        (["-m", "{model}", "--sample", "--temperature", "inf"], "sampling temperature must be a finite positive number, got inf"),
-        (["-m", "{model}", "--sample", "--temperature", "nan"], "sampling temperature must be a finite positive number, got nan"),
+        (["-m", "{model}", "--beam", "2", "--alpha", "nan"],
+         "alpha (the length penalty exponent) must be a finite number >= 0, got nan"),
+        (["-m", "{model}", "--alpha", "-1"],
+         "alpha (the length penalty exponent) must be a finite number >= 0, got -1.0"),
+        (["-m", "{model}", "--sample", "--temperature", "inf"],
+         "sampling temperature must be a finite positive number, got inf"),
+        (["-m", "{model}", "--sample", "--temperature", "nan"],
+         "sampling temperature must be a finite positive number, got nan"),
         (["-m", "{model}", "--max-len-b", "-5"], "max-len-a and max-len-b must be >= 0"),
         (["-m", "{model}", "--max-len-a", "-1"], "max-len-a and max-len-b must be >= 0"),
         (["-m", "{model}", "--min-len", "-1"], "min-len must be >= 0, got -1"),
@@ -214,7 +223,8 @@ def gru_checkpoint(copy_spm: Path, tmp_path: Path) -> Path:
     from nmt.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(copy_spm)
-    config = Config(model=ModelConfig(arch="rnn", cell="gru", src_vocab_size=tokenizer.vocab_size, tgt_vocab_size=tokenizer.vocab_size,
+    size = tokenizer.vocab_size
+    config = Config(model=ModelConfig(arch="rnn", cell="gru", src_vocab_size=size, tgt_vocab_size=size,
                                       joint_vocab=True, embed_dim=16, hidden_size=16, enc_layers=1, dec_layers=1))
     Checkpoint(config, build_model(config.model).state_dict(), tokenizer, tokenizer).save(tmp_path / "gru.pt")
     return tmp_path / "gru.pt"
@@ -240,14 +250,16 @@ def test_average_two_checkpoints_and_last_n(copy_run: Path, tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{transformer}", "{gru}"], "{transformer}: model or tokenizer differs from {gru}; only checkpoints of one model can be averaged"),
+        (["{transformer}", "{gru}"],
+         "{transformer}: model or tokenizer differs from {gru}; only checkpoints of one model can be averaged"),
         (["{transformer}", "--last", "2"], "--last N takes exactly one run directory"),
         (["{empty}", "--last", "2"], "{empty}: no update_*.pt checkpoints"),
         (["{run}", "--last", "-1"], "--last must be 1 or more, got -1"),
         (["{missing}"], "{missing}: no such checkpoint"),
     ],
 )
-def test_average_errors(copy_model: Path, gru_checkpoint: Path, copy_run: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_average_errors(copy_model: Path, gru_checkpoint: Path, copy_run: Path, tmp_path: Path, args: list[str],
+                        message: str) -> None:
     (tmp_path / "empty").mkdir()
     names = {"transformer": str(copy_model), "gru": str(gru_checkpoint), "run": str(copy_run),
              "empty": str(tmp_path / "empty"), "missing": str(tmp_path / "missing.pt")}

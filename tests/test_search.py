@@ -17,7 +17,6 @@ from nmt.search import (
     beam_search,
     greedy_search,
     max_output_lengths,
-    sample_search,
     search,
 )
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -54,7 +53,8 @@ class ToyModel:
         row = (state["key"] * 31 + prefix) % self.rows
         return self.logits[row].log_softmax(1), {**state, "prefix": prefix}
 
-    def reorder_state(self, state: dict[str, Tensor], index: Tensor, within_sentences: bool = False) -> dict[str, Tensor]:
+    def reorder_state(self, state: dict[str, Tensor], index: Tensor,
+                      within_sentences: bool = False) -> dict[str, Tensor]:
         """Checks the search's promise: `within_sentences` only when every row stays with its own sentence."""
         self.reorders += 1
         if within_sentences:
@@ -127,7 +127,7 @@ def replay(model: ToyModel | ScriptedModel, src: list[int], tokens: list[int]) -
 
 
 def raw_score(model: ToyModel | ScriptedModel, src: list[int], tokens: list[int]) -> float:
-    return sum(float(lp[t]) for lp, t in zip(replay(model, src, tokens), tokens))
+    return sum(float(lp[t]) for lp, t in zip(replay(model, src, tokens), tokens, strict=False))
 
 
 def oracle(model: ToyModel, src: list[int], config: DecodeConfig) -> list[tuple[list[int], float, float]]:
@@ -158,7 +158,7 @@ def flat(hyps: list[list[Hypothesis]]) -> list[list[tuple[list[int], float, floa
 
 def assert_same(got: list[Hypothesis], expected: list[tuple[list[int], float, float]]) -> None:
     assert [h.tokens for h in got] == [tokens for tokens, _, _ in expected]
-    for h, (_, score, raw) in zip(got, expected):
+    for h, (_, score, raw) in zip(got, expected, strict=True):
         assert h.score == pytest.approx(score, abs=1e-5) and h.raw_score == pytest.approx(raw, abs=1e-5)
 
 
@@ -179,11 +179,11 @@ def test_beam_matches_exhaustive_oracle(alpha: float, form: str, seed: int) -> N
         # 12 beams keep every candidate of every step (at most 4 live prefixes x 3 tokens): search is exact
         for beam in (12, 16):
             got = beam_search(model, src, mask, replace(config, beam=beam, nbest=5))
-            for hyps, truth in zip(got, truths):
+            for hyps, truth in zip(got, truths, strict=True):
                 assert_same(hyps, truth[:5])
         for beam in (1, 2, 3, 5):
             got = beam_search(model, src, mask, replace(config, beam=beam, nbest=min(beam, 3)))
-            for src_tokens, hyps, truth in zip(sentences, got, truths):
+            for _src_tokens, hyps, truth in zip(sentences, got, truths, strict=True):
                 scored = {tuple(tokens): (score, raw) for tokens, score, raw in truth}
                 assert hyps and [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
                 assert hyps[0].score <= truth[0][1] + 1e-6
@@ -302,7 +302,7 @@ def test_max_length_per_sentence_and_forced_eos() -> None:
     assert max_output_lengths(mask, replace(config, max_len_a=0.0, max_len_b=0), None).tolist() == [1] * 4
     for options in ({"beam": 1, "nbest": 1}, {"beam": 3}, {"sampling": True, "nbest": 3}):
         run = replace(config, **options)
-        for hyps, sentence, limit in zip(search(model, src, mask, run), sentences, limits):
+        for hyps, sentence, limit in zip(search(model, src, mask, run), sentences, limits, strict=True):
             assert len(hyps) == run.nbest
             for h in hyps:
                 assert len(h.tokens) == limit and h.tokens[-1] == EOS_ID and EOS_ID not in h.tokens[:-1]
@@ -354,14 +354,14 @@ def test_sampling_seeded_and_truncated() -> None:
         assert search(model, src, mask, replace(config, nbest=1, **options)) == greedy
     top2 = search(model, src, mask, replace(config, top_k=2, temperature=2.0))
     nucleus = search(model, src, mask, replace(config, top_p=0.5))
-    for sentence, hyps_k, hyps_p in zip(sentences, top2, nucleus):
+    for sentence, hyps_k, hyps_p in zip(sentences, top2, nucleus, strict=True):
         limit = len(sentence) + 4  # where EOS is forced, whatever its rank
         for h in hyps_k:  # every token among the two most probable (of those allowed)
-            for lp, token in list(zip(replay(model, sentence, h.tokens), h.tokens))[: limit - 1]:
+            for lp, token in list(zip(replay(model, sentence, h.tokens), h.tokens, strict=False))[: limit - 1]:
                 lp[[PAD_ID, BOS_ID]] = -math.inf
                 assert lp[token] >= lp.topk(2).values[-1]
         for h in hyps_p:  # every token inside the smallest set holding half the probability
-            for lp, token in list(zip(replay(model, sentence, h.tokens), h.tokens))[: limit - 1]:
+            for lp, token in list(zip(replay(model, sentence, h.tokens), h.tokens, strict=False))[: limit - 1]:
                 lp[[PAD_ID, BOS_ID]] = -math.inf
                 probs = lp.softmax(0)
                 assert probs[probs > probs[token]].sum() < 0.5
@@ -394,7 +394,8 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
         search(ToyModel(vocab=6), src, mask, DecodeConfig(**options))
 
 
-@pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("lstm", 1.0), ("lstm", 2.0), ("gru", 2.0), ("rnn", 2.0)])
+@pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("lstm", 1.0), ("lstm", 2.0), ("gru", 2.0),
+                        ("rnn", 2.0)])
 def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     """A small random model of each architecture, in eval mode; random models run to the length limit
     unless the EOS output row is scaled up (x2 gives a mix of short and long outputs)."""
@@ -437,7 +438,7 @@ def test_real_models_beam_of_one_equals_greedy_and_scores_are_teacher_forced(rea
     beam = beam_search(real_model, src, mask, replace(config, beam=4, nbest=3, length_penalty="average", alpha=1.0))
     for hyps, run in ((greedy, config), (beam, replace(config, length_penalty="average", alpha=1.0))):
         raws = teacher_forced(real_model, src, mask, hyps)
-        for h, raw in zip([h for sentence in hyps for h in sentence], raws):
+        for h, raw in zip([h for sentence in hyps for h in sentence], raws, strict=True):
             assert h.raw_score == pytest.approx(raw, abs=1e-4)
             assert h.score == pytest.approx(raw / penalty(len(h.tokens), run), abs=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import machine, print_table, write_json
 
+from common import machine, print_table, write_json
 from nmt.device import tune_cpu
 from nmt.translate import Translator
 
