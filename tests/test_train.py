@@ -140,14 +140,20 @@ def _overrides(extra: list[str]) -> list[str]:
     return [arg for item in [*TINY_TRANSFORMER, *extra] for arg in ("--set", item)]
 
 
-def test_ctrl_c_leaves_a_loadable_checkpoint(toy_data: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    proc = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "100000",
+def _long_training(data: Path, run: Path) -> subprocess.Popen:
+    """`nmt train` without a limit, returned once it has logged a few updates (to be stopped by a signal)."""
+    proc = _nmt("train", "--data", str(data), "--run-dir", str(run), "--max-updates", "100000",
                 *_overrides(["train.valid_bleu=false", "train.best_metric=loss", "train.valid_every=0"]))
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_leaves_a_loadable_checkpoint(toy_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _long_training(toy_data, run)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -305,12 +311,7 @@ def test_sigterm_saves_and_a_second_training_is_refused(toy_data: Path, tmp_path
     """Two trainings in one run directory: the second fails at once naming the first; SIGTERM then
     stops the first as Ctrl-C does (save, exit), with 143 = 128 + SIGTERM."""
     run = tmp_path / "run"
-    first = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "100000",
-                 *_overrides([*NO_BLEU, "train.valid_every=0"]))
-    metrics = run / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
-        time.sleep(0.2)
+    first = _long_training(toy_data, run)
     second = _nmt("train", "--data", str(toy_data), "--run-dir", str(run), "--max-updates", "5",
                   *_overrides([*NO_BLEU, "train.seed=7"]))
     _, stderr = second.communicate(timeout=120)
