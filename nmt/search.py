@@ -141,26 +141,14 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
     for step in range(limit):
         live_count, width = scores.shape
         log_probs, state = model.step(last, state)  # (N*W, V)
-        vocab = log_probs.size(1)
         log_probs = _mask(log_probs, step, max_len.repeat_interleave(width) if step + 1 >= shortest else None, config)
-        # the K best extensions of a sentence are among the K best of each of its beams
-        best, best_token = log_probs.topk(min(beam, vocab), dim=1)  # (N*W, k)
-        per_beam = best.size(1)
-        candidates = (scores.unsqueeze(2) + best.view(live_count, width, per_beam)).view(live_count, -1)
-        top, index = candidates.topk(min(beam, width * per_beam), dim=1)  # (N, K)
-        offsets = torch.arange(live_count, device=device).unsqueeze(1) * width  # (N, 1)
-        origin = offsets + index.div(per_beam, rounding_mode="floor")  # (N, K) rows of the N*W beams
-        token = best_token.view(live_count, -1).gather(1, index)  # (N, K)
+        top, origin, token = _best_extensions(log_probs, scores, beam)  # (N, K) each
         tokens = tokens[origin.view(-1)]  # (N*K, T)
         tokens[:, step] = token.view(-1)
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
         finished += ended.sum(1)
-        new = _Finished(
-            score=torch.where(ended, top / lp[step + 1], NEG_INF),
-            raw=top,
-            length=ended.long() * (step + 1),
-            tokens=tokens.view(live_count, -1, limit),
-        )
+        new = _Finished(torch.where(ended, top / lp[step + 1], NEG_INF), top, ended.long() * (step + 1),
+                        tokens.view(live_count, -1, limit))
         pool = pool.merge(new, nbest)
         live = top.masked_fill(ended, NEG_INF)  # (N, K)
         reachable = live.amax(1) / torch.maximum(lp[step + 2], lp_limit)  # (N,)
@@ -183,6 +171,22 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         state = model.reorder_state(state, origin.view(-1), within_sentences=within)
         scores, last = live, token.view(-1)
     return _hypotheses(results.tokens, results.raw, results.length, config)
+
+
+def _best_extensions(log_probs: Tensor, scores: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The `beam` best extensions of each sentence's live beams: raw scores, source rows and tokens, (N, K) each.
+
+    log_probs (N*W, V) are this step's, scores (N, W) the beams' so far; the K best extensions of a
+    sentence are among the K best of each of its beams, so only those are ranked.
+    """
+    live_count, width = scores.shape
+    best, best_token = log_probs.topk(min(beam, log_probs.size(1)), dim=1)  # (N*W, k)
+    per_beam = best.size(1)
+    candidates = (scores.unsqueeze(2) + best.view(live_count, width, per_beam)).view(live_count, -1)
+    top, index = candidates.topk(min(beam, width * per_beam), dim=1)  # (N, K)
+    offsets = torch.arange(live_count, device=scores.device).unsqueeze(1) * width  # (N, 1)
+    origin = offsets + index.div(per_beam, rounding_mode="floor")  # (N, K) rows of the N*W beams
+    return top, origin, best_token.view(live_count, -1).gather(1, index)
 
 
 class _Finished(NamedTuple):
