@@ -36,7 +36,7 @@ from nmt.export import ExportedModel, pieces, require_ctranslate2
 from nmt.precision import Precision
 from nmt.search import Hypothesis, check_options, length_penalty, max_output_lengths
 from nmt.tokenizer import EOS_ID
-from nmt.translate import BATCH_TOKENS, BUFFER_LINES, LineResult, Translation, Translator, one_line
+from nmt.translate import BATCH_TOKENS, BUFFER_LINES, Translator
 
 Found = tuple[list[int], float | None]  # a hypothesis's ids and raw score (None: still to be teacher-forced)
 Scored = tuple[list[int], float]  # ... once every raw score is known
@@ -88,15 +88,6 @@ class CT2Translator(Translator):
         options = replace(defaults, **{k: v for k, v in decode.items() if v is not None})
         return cls(path, decode=options, device=device, precision=precision, quantize=quantize, threads=threads,
                    batch_tokens=batch_tokens, buffer_lines=buffer_lines)
-
-    def _translate_chunk(self, texts: list[str], first_line: int) -> list[LineResult]:
-        results = [self._prepare(text, first_line + offset) for offset, text in enumerate(texts)]
-        todo = [result for result in results if result.source_ids]
-        found = self.search_ids([r.source_ids for r in todo])
-        for result, hypotheses in zip(todo, found, strict=True):
-            result.hypotheses = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens)
-                                 for h in hypotheses]
-        return results
 
     def search_ids(self, sources: Sequence[Sequence[int]]) -> list[list[Hypothesis]]:
         """Search every source (ids as `encode_source` makes them, EOS last); results in input order.

@@ -152,12 +152,16 @@ class Translator:
     def _translate_chunk(self, texts: list[str], first_line: int) -> list[LineResult]:
         results = [self._prepare(text, first_line + offset) for offset, text in enumerate(texts)]
         todo = [result for result in results if result.source_ids]
-        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
-            found = translate_ids(self.model, [r.source_ids for r in todo], self.decode, self.batch_tokens, self.device)
+        found = self.search_ids([r.source_ids for r in todo])
         for result, hypotheses in zip(todo, found, strict=True):
             result.hypotheses = [Translation(one_line(self.tgt_tokenizer.decode(h.tokens)), h.score, h.tokens)
                                  for h in hypotheses]
         return results
+
+    def search_ids(self, sources: Sequence[Sequence[int]]) -> list[list[Hypothesis]]:
+        """Search model-ready sources; results in input order (the one step another engine replaces)."""
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            return translate_ids(self.model, sources, self.decode, self.batch_tokens, self.device)
 
     def _prepare(self, text: str, line: int) -> LineResult:
         """Encode one line; an empty one stays empty, a too long one is truncated with a warning."""
