@@ -27,7 +27,8 @@ def serve(
     max_batch_tokens: Annotated[int, typer.Option(
         help="Source tokens of the requests batched together (searched as this × beam).")] = LIMITS.max_batch_tokens,
     max_wait_ms: Annotated[float, typer.Option(
-        help="How long the oldest request waits for others to join its batch.")] = LIMITS.max_wait_ms,
+        help="How long the oldest request waits for others to join its batch, while requests overlap "
+             "(a lone client is served at once).")] = LIMITS.max_wait_ms,
     max_queue: Annotated[int, typer.Option(
         help="Requests waiting per model; beyond it 503 with Retry-After.")] = LIMITS.max_queue,
     max_sentences: Annotated[int, typer.Option(help="Lines per request; beyond it 413.")] = LIMITS.max_sentences,

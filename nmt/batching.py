@@ -4,7 +4,10 @@ Many small requests cost little more than one when searched in one length-sorted
 (the matrix products get taller, not more numerous). `BatchQueue` holds waiting jobs; a
 `Worker` thread per model takes the oldest job and every later job with the same decoding
 options, up to `max_tokens` source tokens, once the batch is full or the oldest job has
-waited `max_wait` seconds. The queue never runs a job twice and never mixes options, and
+waited `max_wait` seconds. It waits only while requests overlap (the last batch held several
+jobs, or others were waiting when it ended; before the first batch it assumes so): a lone
+client is served at once, and the wait is spent only where company is likely. The queue never runs a job twice
+and never mixes options, and
 it refuses new jobs beyond `max_queue` (overload) or after `close` (shutdown). Nothing
 here knows HTTP: the server waits on each job's future.
 """
@@ -49,6 +52,7 @@ class BatchQueue:
         self._waiting: list[Job] = []
         self._running: list[Job] = []
         self._closed = False
+        self._overlapping = True  # the last batch held several jobs or ended with jobs waiting
         self._changed = threading.Condition()
 
     def put(self, job: Job) -> None:
@@ -71,7 +75,7 @@ class BatchQueue:
                 if not self._waiting:
                     return None
                 first = self._waiting[0]
-                due = first.arrived + self.max_wait
+                due = first.arrived + (self.max_wait if self._overlapping else 0.0)
                 while not self._closed and self._tokens_like(first) < self.max_tokens and time.monotonic() < due:
                     self._changed.wait(max(0.0, due - time.monotonic()))
                 if batch := self._take(first.options):
@@ -79,9 +83,10 @@ class BatchQueue:
                     return batch
 
     def done(self, batch: Sequence[Job]) -> None:
-        """The worker finished `batch` (its futures are set)."""
+        """The worker finished `batch` (its futures are set); whether requests overlap decides the next wait."""
         with self._changed:
             self._running = [job for job in self._running if job not in batch]
+            self._overlapping = len(batch) > 1 or bool(self._waiting)
 
     def close(self) -> None:
         """Take no new jobs; the workers still run those waiting, then `next_batch` returns None."""

@@ -206,9 +206,22 @@ def serve(service: Service, listen: Listen, device: str, precision: str) -> None
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """Listen before anything loads, so that a taken port or an unknown host is a one-line error."""
+    """Listen before anything loads, so that a taken port or an unknown host is a one-line error.
+
+    The socket is made with `IPPROTO_TCP` named: asyncio sets TCP_NODELAY only on connections
+    whose protocol says TCP, and `socket.create_server` leaves it 0. Without TCP_NODELAY every
+    response on a kept-alive connection waited ~40 ms for the client's delayed ACK (measured:
+    /health 44 ms, a 34 ms translation 88 ms).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                    backlog=2048)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
     except OSError as exc:
+        listener.close()
         raise NmtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listener

@@ -120,7 +120,7 @@ class Limits:
     max_sentences: int = 128  # lines per request (413 beyond)
     max_chars: int = 20_000  # characters per request (413 beyond)
     max_batch_tokens: int = 4096  # source tokens gathered into one batch (searched as this × beam)
-    max_wait_ms: float = 5.0  # how long the oldest request waits for others to join its batch
+    max_wait_ms: float = 5.0  # how long the oldest request waits for company, while requests overlap
     max_queue: int = 256  # requests waiting per model (503 beyond)
     timeout: float = 30.0  # seconds a request may take, queueing included (504 beyond)
 

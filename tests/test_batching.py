@@ -39,17 +39,42 @@ def test_max_tokens_bounds_a_batch_but_a_large_job_still_runs_alone() -> None:
     assert texts(queue.next_batch()) == ["d"]
 
 
-def test_the_oldest_job_waits_max_wait_for_company_unless_the_batch_fills() -> None:
-    queue = BatchQueue(max_tokens=3, max_wait=0.3, max_queue=10)
+def taken(queue: BatchQueue) -> list[str]:
+    """The next batch's lines, the batch marked done (as the worker does)."""
+    batch = queue.next_batch()
+    assert batch is not None
+    queue.done(batch)
+    return texts(batch)
+
+
+def test_a_lone_job_runs_at_once_but_overlapping_ones_wait_max_wait_for_company() -> None:
+    queue = BatchQueue(max_tokens=3, max_wait=0.2, max_queue=10)
+
+    def timed(lines: list[str]) -> float:
+        start = time.monotonic()
+        assert taken(queue) == lines
+        return time.monotonic() - start
+
     queue.put(job("a"))
+    assert 0.19 <= timed(["a"]) < 2  # before any batch, company is assumed: the first job waits
+    queue.put(job("b"))
+    assert timed(["b"]) < 0.15  # a ran alone with nobody waiting: a lone client is served at once
+    queue.put(job("c"))
+    queue.put(job("d"))
+    assert timed(["c", "d"]) < 0.15  # both were there already; two jobs: requests overlap from now on
+    queue.put(job("e"))
     start = time.monotonic()
-    assert texts(queue.next_batch()) == ["a"]
-    assert 0.29 <= time.monotonic() - start < 2  # waited for company that never came
-    for text in "bcd":
-        queue.put(job(text))
-    start = time.monotonic()
-    assert texts(queue.next_batch()) == ["b", "c", "d"]
-    assert time.monotonic() - start < 0.2  # full at once: no wait
+    batch = queue.next_batch()
+    assert texts(batch) == ["e"] and 0.19 <= time.monotonic() - start < 2  # waited for company that never came
+    queue.put(job("f"))  # arrives while e runs: still overlapping
+    queue.done(batch or [])
+    queue.put(job("g"))
+    queue.put(job("h"))
+    assert timed(["f", "g", "h"]) < 0.15  # full at once: no wait
+    queue.put(job("i"))
+    assert timed(["i"]) >= 0.19  # f-g-h held three jobs: i waits for company
+    queue.put(job("j"))
+    assert timed(["j"]) < 0.15  # i ran alone with nobody waiting
 
 
 def test_a_job_arriving_during_the_wait_joins_the_batch() -> None:

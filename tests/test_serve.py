@@ -83,7 +83,10 @@ def server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def tiny_server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Tiny limits: 3 lines, 100 characters, 1 waiting request that waits 5 s for company but times out at 1 s."""
+    """Tiny limits: 3 lines, 100 characters, 1 waiting request, which waits 5 s for company but times out at 1 s.
+
+    Only its first request waits (before any batch has run, company is assumed), so one test only translates here.
+    """
     with running_server(copy_model, tmp_path_factory.mktemp("tiny"), "--max-sentences", "3", "--max-chars", "100",
                         "--max-queue", "1", "--max-wait-ms", "5000", "--timeout", "1") as started:
         yield started
@@ -336,3 +339,25 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path: Pat
     assert result.exit_code == 1
     assert result.output.splitlines()[-1] == f"error: {broken}: not an nmt checkpoint " \
                                              "(not a file written by nmt train or nmt average)"
+
+
+def test_accepted_connections_send_without_waiting_for_acks() -> None:
+    """TCP_NODELAY on the server's connections: without it each response on a kept-alive
+    connection waited for the client's delayed ACK (about 40 ms a request)."""
+    from nmt.serve import bind
+
+    async def accepted_nodelay() -> int:
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            answer.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listener = bind("127.0.0.1", 0)
+        async with await asyncio.start_server(accepted, sock=listener):
+            _, client = await asyncio.open_connection(*listener.getsockname()[:2])
+            nodelay = await asyncio.wait_for(answer, 10)
+            client.close()
+        return nodelay
+
+    assert asyncio.run(accepted_nodelay()) != 0
