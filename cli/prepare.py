@@ -8,7 +8,17 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import console, handle_errors, reporting, summary_table
-from nmt.data import REASONS, CleanConfig, HubDataset, PairSource, Sources, TableFile, TextFiles, TokenizerTraining
+from nmt.data import (
+    REASONS,
+    CleanConfig,
+    HubDataset,
+    PairSource,
+    Sources,
+    TableFile,
+    TextFiles,
+    TokenizerTraining,
+    corpus_languages,
+)
 from nmt.data import prepare as prepare_data
 from nmt.errors import NmtError
 from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, Tokenizer
@@ -73,7 +83,8 @@ def prepare(
     test: Annotated[Path | None, typer.Option(
         help="Test pairs in one .tsv or .jsonl file.", rich_help_panel=SOURCES)] = None,
     src_lang: Annotated[str | None, typer.Option(
-        help="Source language code: the key in a 'translation' dict, and the default source field.",
+        help="Source language code (en, pt_BR), stored with the data for `nmt serve` (default: the suffix of "
+             "--train-src, as in train.en); also the key in a 'translation' dict and the default source field.",
         rich_help_panel=SOURCES)] = None,
     tgt_lang: Annotated[str | None, typer.Option(
         help="Target language code, as --src-lang.", rich_help_panel=SOURCES)] = None,
@@ -162,6 +173,7 @@ def prepare(
         test=_split_source("test", test_src, test_tgt, test, hf_test_split, hub, fields),
         carve={name: n for name, n in (("valid", valid_size), ("test", test_size)) if n},
         split_seed=split_seed,
+        languages=corpus_languages(src_lang, tgt_lang, train_source),
     )
     with reporting() as reporter:
         data = prepare_data(out, sources, tokenizers, clean, overwrite=overwrite, max_tokens=max_tokens,
@@ -190,7 +202,9 @@ def _summary_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
     sizes = (f"{info['src']['vocab_size']:,}" if info["joint"]
              else f"{info['src']['vocab_size']:,} / {info['tgt']['vocab_size']:,}")
     padding = meta["padding"]
+    languages = meta.get("languages")
     rows += [
+        ("languages", f"{languages['src']} -> {languages['tgt']}" if languages else "unknown (--src-lang)"),
         ("tokenizer", f"{kind}, {sizes} pieces{', trained here' if info['trained'] else ''}, {meta['normalization']}"),
         ("padding estimate", f"{padding['fraction']:.1%} at {padding['max_tokens']:,} tokens per batch "
                              f"({padding['batches']:,} batches)"),

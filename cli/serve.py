@@ -10,8 +10,7 @@ import typer
 from cli.common import err_console, handle_errors
 from nmt.device import tune_cpu
 from nmt.errors import NmtError
-from nmt.io import check_readable
-from nmt.service import Limits, Service, resolve_pairs, serving_threads
+from nmt.service import Limits, Service, check_model, resolve_pairs, serving_threads
 
 LIMITS = Limits()  # the defaults, shown in --help
 
@@ -19,9 +18,11 @@ LIMITS = Limits()  # the defaults, shown in --help
 @handle_errors
 def serve(
     model: Annotated[list[Path], typer.Option(
-        "--model", "-m", help="Checkpoint to serve; repeat for more language pairs.")],
+        "--model", "-m", help="Checkpoint, or folder from nmt export (served by CTranslate2), to serve; "
+                              "repeat for more language pairs.")],
     pair: Annotated[list[str] | None, typer.Option(
-        help="The model's language pair, e.g. en-de; one per --model, in order.")] = None,
+        help="The models' language pairs, e.g. en-de, one per --model in order (default: the codes nmt prepare "
+             "stored).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0 picks a free one; the address is printed).")] = 5000,
     max_batch_tokens: Annotated[int, typer.Option(
@@ -55,7 +56,7 @@ def serve(
     if grace < 0:
         raise NmtError(f"--grace must be >= 0, got {grace}")
     for path in model:
-        check_readable(path)
+        check_model(path)
     limits = Limits(max_sentences, max_chars, max_batch_tokens, max_wait_ms, max_queue, timeout)
     service = Service(model, resolve_pairs(model, pair or []), limits)
     tune_cpu(serving_threads(threads, len(model)))

@@ -37,6 +37,7 @@ class Checkpoint:
     tgt_tokenizer: Tokenizer
     train_state: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    languages: tuple[str, str] | None = None  # source and target codes from `nmt prepare`, where it knew them
 
     def to_bytes(self) -> bytes:
         """Serialise once; the trainer writes the same bytes to several files."""
@@ -54,6 +55,7 @@ class Checkpoint:
             },
             "train_state": self.train_state,
             "metrics": self.metrics,
+            "languages": list(self.languages) if self.languages else None,
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -105,6 +107,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
             tgt_tokenizer=tgt,
             train_state=payload.get("train_state"),
             metrics=payload.get("metrics") or {},
+            languages=_languages(payload.get("languages")),
         )
     except KeyError as exc:
         raise NmtError(f"{path}: incomplete checkpoint (no {exc})") from None
@@ -140,6 +143,11 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
         else:
             averaged[key] = value.clone()
     return replace(last, model_state=averaged, train_state=None, metrics={})
+
+
+def _languages(stored: Any) -> tuple[str, str] | None:
+    """The stored [source, target] codes; None in checkpoints from before they were stored."""
+    return (str(stored[0]), str(stored[1])) if stored else None
 
 
 def _first_words(exc: Exception) -> str:

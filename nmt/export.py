@@ -160,6 +160,7 @@ def manifest_of(checkpoint: Checkpoint, tokenizers: dict[str, str], quantize: st
         "engine": "ctranslate2",
         "quantization": quantize,
         "normalization": checkpoint.src_tokenizer.normalization,
+        "languages": list(checkpoint.languages) if checkpoint.languages else None,
         "tokenizers": tokenizers,
         "max_positions": checkpoint.config.model.max_positions,
         "decode": asdict(checkpoint.config.decode),
@@ -174,9 +175,9 @@ class ExportedModel:
         folder = Path(folder)
         path = folder / MANIFEST
         if not folder.is_dir():
-            raise NmtError(f"{folder}: not a folder; --engine ctranslate2 reads a folder written by nmt export")
+            raise NmtError(f"{folder}: not a folder; CTranslate2 models are folders written by nmt export")
         if not path.is_file():
-            raise NmtError(f"{folder}: no {MANIFEST}; --engine ctranslate2 reads a folder written by nmt export")
+            raise NmtError(f"{folder}: no {MANIFEST}, so not a folder written by nmt export")
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
             if manifest.get("format") != MANIFEST_FORMAT:
@@ -190,6 +191,8 @@ class ExportedModel:
             self.decode: DecodeConfig = from_dict({"decode": manifest["decode"]}).decode
             self.model: ModelConfig = from_dict({"model": manifest["model"]}).model
             self.max_positions: int = int(manifest["max_positions"])
+            languages = manifest.get("languages")  # absent in folders exported before languages were stored
+            self.languages: tuple[str, str] | None = (str(languages[0]), str(languages[1])) if languages else None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise NmtError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
         self.folder = folder

@@ -19,11 +19,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from nmt.batching import BatchQueue, Closed, Job, Overloaded, Worker
 from nmt.checkpoint import load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source
+from nmt.data.sources import LANGUAGE_CODE
 from nmt.errors import NmtError
+from nmt.io import check_readable
 from nmt.precision import Precision
 from nmt.search import check_options
 from nmt.tokenizer import Tokenizer
@@ -57,16 +61,20 @@ class Pair:
 def parse_pair(text: str) -> Pair:
     """'en-de' -> Pair('en', 'de')."""
     parts = text.split("-")
-    if len(parts) != 2 or not all(part.isalnum() for part in parts):
+    if len(parts) != 2 or not all(LANGUAGE_CODE.fullmatch(part) for part in parts):
         raise NmtError(f"--pair must look like en-de (source-target language codes), got {text!r}")
     return Pair(parts[0], parts[1])
 
 
 def stored_pair(path: Path) -> Pair | None:
-    """The language codes a checkpoint's config stores, where it has such fields (none does yet)."""
-    config = load_checkpoint(path).config
-    source, target = getattr(config, "src_lang", None), getattr(config, "tgt_lang", None)
-    return Pair(source, target) if source and target else None
+    """The language codes `nmt prepare` stored, carried by the checkpoint (or the export's nmt.json)."""
+    if path.is_dir():
+        from nmt.export import ExportedModel  # only the manifest: ctranslate2 is not needed to read it
+
+        languages = ExportedModel(path).languages
+    else:
+        languages = load_checkpoint(path).languages
+    return Pair(*languages) if languages else None
 
 
 def resolve_pairs(models: Sequence[Path], pairs: Sequence[str],
@@ -85,7 +93,7 @@ def resolve_pairs(models: Sequence[Path], pairs: Sequence[str],
 
 
 class Engine(Protocol):
-    """What the server needs of a model: `Translator` now, the CTranslate2 engine of `nmt export` next."""
+    """What the server needs of a model: `Translator`, or `CT2Translator` over a folder from `nmt export`."""
 
     decode: DecodeConfig
     batch_tokens: int
@@ -96,8 +104,25 @@ class Engine(Protocol):
     def translate_lines(self, lines: Iterable[str], first_line: int = 1) -> Iterator[LineResult]: ...
 
 
+def check_model(path: Path) -> None:
+    """Fail in one line before the server listens: a checkpoint must be a readable file, a folder an export."""
+    if path.is_dir():
+        from nmt.export import ExportedModel
+
+        ExportedModel(path)
+    else:
+        check_readable(path)
+
+
 def load_engine(path: Path, device: str, precision: str) -> Engine:
-    """The one place that knows model formats: an nmt checkpoint file (a CTranslate2 folder plugs in here)."""
+    """The one place that knows model formats: an nmt checkpoint file, or a folder from `nmt export`.
+
+    CTranslate2 gets as many threads as torch was given (the command sets them for serving).
+    """
+    if path.is_dir():
+        from nmt.engines import CT2Translator  # imports ctranslate2, an optional extra, only when asked for
+
+        return CT2Translator.from_folder(path, device=device, precision=precision, threads=torch.get_num_threads())
     return Translator.from_checkpoint(path, device=device, precision=precision)
 
 

@@ -39,6 +39,19 @@ def test_round_trip_and_weights_only(joint_spm: Path, tmp_path: Path) -> None:
     assert slim.stat().st_size < path.stat().st_size
 
 
+def test_language_codes_are_kept_and_absent_in_older_checkpoints(joint_spm: Path, tmp_path: Path) -> None:
+    tok = Tokenizer.load(joint_spm)
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for path in paths:
+        replace(make_checkpoint(tok, 1.0), languages=("en", "pt_BR")).save(path)
+    assert load_checkpoint(paths[0]).languages == ("en", "pt_BR")
+    assert average_checkpoints(paths).languages == ("en", "pt_BR")
+    payload = torch.load(paths[0], weights_only=True)
+    del payload["languages"]  # as written before languages were stored
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").languages is None
+
+
 def test_averaging(joint_spm: Path, tmp_path: Path) -> None:
     tok = Tokenizer.load(joint_spm)
     paths = []

@@ -29,8 +29,9 @@ def test_files_with_a_given_tokenizer(corpus_dir: Path, joint_spm: Path, tmp_pat
     data = PreparedData.open(out)
     counts = data.meta["splits"]["train"]["counts"]
     assert counts["read"] == 600 and counts["kept"] == len(data.split("train"))
+    assert data.languages == ("en", "de")  # from the files' suffixes, train.en and train.de
     for text in ("training pairs read", "600", "dropped: duplicate", "valid", "40 pairs", "padding estimate",
-                 "512 tokens"):
+                 "512 tokens", "en -> de"):
         assert text in result.output
     again = runner.invoke(app, ["prepare", *files(corpus_dir, "train"), "--tokenizer", str(joint_spm), "-o", str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
@@ -54,6 +55,7 @@ def test_jsonl_through_datasets_with_carving_and_a_trained_tokenizer(corpus_dir:
     assert data.meta["splits"]["train"]["source"]["kind"] == "huggingface"
     assert data.meta["splits"]["train"]["source"]["carved_out"] == 75
     assert data.meta["splits"]["valid"]["source"]["from"]["kind"] == "huggingface"
+    assert data.languages == ("en", "de")  # as given
 
 
 def error_of(args: list[str]) -> str:
@@ -83,6 +85,7 @@ def error_of(args: list[str]) -> str:
         ("hub", ["--hf-dataset", "json", "--hf-data-files", "a.jsonl", "--hf-valid-split", "dev"], "split 'dev'"),
         ("hub", ["--hf-dataset", "json", "--hf-data-files", "a.jsonl", "--src-field", "fr"], "no field 'fr'"),
         ("tsv", ["--train", "a.tsv", "--src-field", "fr", "--tgt-field", "de"], "no column 'fr'"),
+        ("good", ["--src-lang", "en-GB", "--tgt-lang", "de"], "--src-lang must be a language code such as en, deu"),
     ],
 )
 def test_errors_are_one_line(tmp_path: Path, joint_spm: Path, monkeypatch: pytest.MonkeyPatch,

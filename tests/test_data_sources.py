@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nmt.data import HubDataset, TableFile, TextFiles
-from nmt.data.sources import carve
+from nmt.data.sources import carve, corpus_languages, file_language
 from nmt.errors import NmtError
 
 PAIRS = [("a dog runs", "ein hund läuft"), ("the girl", "das mädchen"), ("two men\tsit", "zwei männer sitzen")]
@@ -34,6 +34,25 @@ def test_aligned_text_files_plain_and_gzipped(tmp_path: Path) -> None:
     source = TextFiles(src, tmp_path / "x.de.gz")
     assert source.size() == 3 and list(source) == PAIRS
     assert source.describe() == {"kind": "files", "src": str(src), "tgt": str(tmp_path / "x.de.gz")}
+
+
+@pytest.mark.parametrize(("name", "code"), [("train.en", "en"), ("x.de.gz", "de"), ("corpus.pt_BR", "pt_BR"),
+                                           ("train.src", None), ("train.txt", None), ("train", None), ("a.EN", None)])
+def test_a_file_suffix_is_read_as_a_language_code_only_when_it_looks_like_one(name: str, code: str | None) -> None:
+    assert file_language(Path(name)) == code
+
+
+def test_corpus_languages_as_given_else_from_the_training_files(tmp_path: Path) -> None:
+    files = TextFiles(write_lines(tmp_path / "t.en", ["a"]), write_lines(tmp_path / "t.de", ["b"]))
+    assert corpus_languages(None, None, files) == ("en", "de")
+    assert corpus_languages("deu", "eng", files) == ("deu", "eng")  # given codes win
+    assert corpus_languages("fr", None, files) is None  # half given: nothing guessed
+    same = TextFiles(tmp_path / "t.en", write_lines(tmp_path / "u.en", ["b"]))
+    assert corpus_languages(None, None, same) is None  # both sides 'en': not a pair
+    table = TableFile(write_lines(tmp_path / "t.tsv", ["a\tb"]))
+    assert corpus_languages(None, None, table) is None
+    with pytest.raises(NmtError, match="--tgt-lang must be a language code such as en, deu or pt_BR, got 'de-AT'"):
+        corpus_languages("en", "de-AT", files)
 
 
 def test_tsv_with_header_names_columns_and_without_header_numbers_them(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from nmt.checkpoint import Checkpoint
 from nmt.config import Config, DecodeConfig, ModelConfig
 from nmt.data import encode_source, pad_sources
 from nmt.errors import NmtError
-from nmt.export import INSTALL_HINT, export_checkpoint
+from nmt.export import INSTALL_HINT, ExportedModel, export_checkpoint
 from nmt.models import build_model
 from nmt.search import Hypothesis, length_penalty, max_output_lengths
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -76,7 +76,8 @@ def random_checkpoint(src: Tokenizer, tgt: Tokenizer, layout: dict, seed: int = 
         model.output.weight[:, constant] *= 0.1
         model.output.weight[[PAD_ID, BOS_ID], constant] = -1.0
         model.output.weight[EOS_ID, position], model.output.weight[EOS_ID, constant] = -eos[0], eos[1]
-    return Checkpoint(config=config, model_state=model.state_dict(), src_tokenizer=src, tgt_tokenizer=tgt)
+    return Checkpoint(config=config, model_state=model.state_dict(), src_tokenizer=src, tgt_tokenizer=tgt,
+                      languages=("en", "de"))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -181,6 +182,7 @@ def test_exported_folder_describes_itself(exported: tuple[Checkpoint, Path]) -> 
     manifest = json.loads((folder / "nmt.json").read_text())
     assert manifest["decode"] == json.loads(json.dumps(DECODE.__dict__))
     assert manifest["normalization"] == checkpoint.src_tokenizer.normalization
+    assert manifest["languages"] == ["en", "de"] and ExportedModel(folder).languages == ("en", "de")
     for side, tokenizer in (("src", checkpoint.src_tokenizer), ("tgt", checkpoint.tgt_tokenizer)):
         assert (folder / manifest["tokenizers"][side]).read_bytes() == tokenizer.model_bytes
     vocabularies = {"src": "source_vocabulary.json", "tgt": "target_vocabulary.json"}

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,12 @@ class Server:
 
 
 @contextmanager
-def running_server(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
+def running_server(model: Path, tmp_path: Path, *options: str, pair: str | None = "en-de") -> Iterator[Server]:
     """Start `nmt serve` on a port the OS picks, wait until /health says ready, stop it afterwards."""
     log = tmp_path / f"serve-{time.monotonic_ns()}.log"
+    pairs = ["--pair", pair] if pair else []
     with open(log, "wb") as sink:
-        process = subprocess.Popen([str(NMT), "serve", "-m", str(model), "--pair", "en-de", "--host", "127.0.0.1",
+        process = subprocess.Popen([str(NMT), "serve", "-m", str(model), *pairs, "--host", "127.0.0.1",
                                     "--port", "0", *CPU, *options], stdout=sink, stderr=subprocess.STDOUT,
                                    env={k: v for k, v in os.environ.items() if k != "NMT_DEBUG"})
     server = Server(process, "", log)
@@ -314,8 +315,12 @@ def test_health_and_translate_answer_503_while_the_model_loads(copy_model: Path)
     assert translate.status_code == 503 and translate.json() == {"error": "the model is still loading"}
 
 
-def test_command_line_errors_are_one_line(copy_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_line_errors_are_one_line(copy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
+    for pair in ([], ["--pair", "en-de"]):  # read for its languages, or when loading
+        result = runner.invoke(app, ["serve", "-m", str(tmp_path), *pair, "--port", "0", *CPU])
+        assert result.exit_code == 1
+        assert result.output.strip() == f"error: {tmp_path}: no nmt.json, so not a folder written by nmt export"
     result = runner.invoke(app, ["serve", "-m", str(copy_model), *CPU])
     assert result.exit_code == 1
     refusal = f"error: {copy_model} stores no language codes; say which pair it serves with --pair src-tgt"
@@ -330,6 +335,21 @@ def test_command_line_errors_are_one_line(copy_model: Path, monkeypatch: pytest.
     result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'nmt[serve]'" in result.output
+
+
+def test_an_export_is_served_by_ctranslate2_with_the_pair_it_stores(copy_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    from nmt.checkpoint import load_checkpoint
+    from nmt.export import export_checkpoint
+
+    labelled = tmp_path / "copy-en-fr.pt"
+    replace(load_checkpoint(copy_model), languages=("en", "fr")).save(labelled)
+    folder = export_checkpoint(labelled, tmp_path / "ct2")
+    with running_server(folder, tmp_path, pair=None) as started:  # the pair comes from the folder's nmt.json
+        assert httpx.get(f"{started.url}/health").json()["models"] == ["en-fr"]
+        answer = post(started, {"q": SOURCES, "source": "en", "target": "fr", "beam": 2})
+        assert answer.json() == {"translatedText": SOURCES}  # the copying model, through CTranslate2
+    assert "en-fr in float32 (CTranslate2 on cpu)" in started.log.read_text()
 
 
 def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nmt.errors import NmtError
+from nmt.export import export_checkpoint
 from nmt.service import (
     Limits,
     Pair,
@@ -19,6 +20,7 @@ from nmt.service import (
     resolve_pairs,
     serving_threads,
     split_lines,
+    stored_pair,
 )
 from tests.conftest import make_parallel
 
@@ -36,9 +38,18 @@ def test_pairs_from_the_command_line_else_from_the_checkpoint() -> None:
         resolve_pairs(models, ["en-de"])
     with pytest.raises(NmtError, match="one model only, got en-de, en-de"):
         resolve_pairs(models, ["en-de", "en-de"])
+    assert parse_pair("pt_BR-en") == Pair("pt_BR", "en")
 
 
-@pytest.mark.parametrize("text", ["ende", "en-de-fr", "en-", "en de", "en-d/e"])
+def test_trained_checkpoints_and_their_exports_carry_the_pair_prepare_found(tiny_models: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """The toy data came from train.en and train.de: prepare stored en-de, each checkpoint carries it."""
+    assert stored_pair(tiny_models["transformer"]) == Pair("en", "de")
+    pytest.importorskip("ctranslate2")
+    assert stored_pair(export_checkpoint(tiny_models["transformer"], tmp_path / "ct2")) == Pair("en", "de")
+
+
+@pytest.mark.parametrize("text", ["ende", "en-de-fr", "en-", "en de", "en-d/e", "EN-DE"])
 def test_a_malformed_pair_is_refused(text: str) -> None:
     with pytest.raises(NmtError, match="--pair must look like en-de"):
         parse_pair(text)

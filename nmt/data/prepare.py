@@ -25,7 +25,7 @@ from typing import Any
 from nmt import __version__
 from nmt.data.clean import CleanConfig, Cleaner, Counts, normalize_pairs, pair_key
 from nmt.data.sampler import TokenBatchSampler, padding_fraction
-from nmt.data.sources import PairSource, TextFiles, carve, chunked
+from nmt.data.sources import PairSource, TextFiles, carve, chunked, corpus_languages
 from nmt.data.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -54,8 +54,11 @@ class Sources:
     test: PairSource | None = None
     carve: dict[str, int] = field(default_factory=dict)  # "valid"/"test" -> pairs taken from train
     split_seed: int = 1
+    languages: tuple[str, str] | None = None  # source and target codes; default: the training files' suffixes
 
     def __post_init__(self) -> None:
+        if self.languages is None:
+            self.languages = corpus_languages(None, None, self.train)
         for name, count in self.carve.items():
             if name not in HELD_OUT or count < 1:
                 raise NmtError(f"can only carve a positive number of valid/test pairs, got {name}={count}")
@@ -118,6 +121,7 @@ def prepare(
             "nmt_version": __version__,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "normalization": clean.normalization,
+            "languages": dict(zip(("src", "tgt"), sources.languages, strict=True)) if sources.languages else None,
             "dtype": dtype.name,
             "tokenizer": {
                 "joint": joint,

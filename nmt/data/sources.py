@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -23,6 +24,8 @@ from nmt.progress import SILENT, Reporter
 
 Pair = tuple[str, str]
 TABLE_SUFFIXES = (".tsv", ".jsonl")
+LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(_[A-Za-z0-9]{2,8})?")  # en, deu, pt_BR, zh_Hant
+FILE_LANGUAGE = re.compile(r"[a-z]{2}(_[A-Z]{2})?")  # what a file suffix must look like to be read as one
 
 
 class PairSource(Protocol):
@@ -66,6 +69,30 @@ class TextFiles:
 
     def __iter__(self) -> Iterator[Pair]:
         return zip(read_lines(self.src), read_lines(self.tgt), strict=False)
+
+
+def language_code(code: str, option: str) -> str:
+    """A checked code: ISO 639 letters, a region or script after '_' (not '-': it separates the pair, en-de)."""
+    if not LANGUAGE_CODE.fullmatch(code):
+        raise NmtError(f"{option} must be a language code such as en, deu or pt_BR, got {code!r}")
+    return code
+
+
+def file_language(path: Path) -> str | None:
+    """'train.de' or 'train.de.gz' -> 'de' (the Multi30k, WMT and Moses layout); None for any other name."""
+    suffixes = [suffix[1:] for suffix in Path(path).suffixes if suffix != ".gz"]
+    return suffixes[-1] if suffixes and FILE_LANGUAGE.fullmatch(suffixes[-1]) else None
+
+
+def corpus_languages(src_lang: str | None, tgt_lang: str | None, train: PairSource) -> Pair | None:
+    """The pair's language codes, stored with the data for `nmt serve`: as given, else the training files' suffixes."""
+    if src_lang and tgt_lang:
+        return language_code(src_lang, "--src-lang"), language_code(tgt_lang, "--tgt-lang")
+    if isinstance(train, TextFiles) and not (src_lang or tgt_lang):
+        found = file_language(train.src), file_language(train.tgt)
+        if found[0] and found[1] and found[0] != found[1]:
+            return found[0], found[1]
+    return None
 
 
 def field_value(row: dict[str, Any], path: str, where: str) -> str:

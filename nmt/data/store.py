@@ -213,6 +213,12 @@ class PreparedData:
         return cls(path, meta, src, src if info["joint"] else tgt)
 
     @property
+    def languages(self) -> tuple[str, str] | None:
+        """The source and target language codes `nmt prepare` stored, if it knew them."""
+        stored = self.meta.get("languages")
+        return (stored["src"], stored["tgt"]) if stored else None
+
+    @property
     def joint(self) -> bool:
         return bool(self.meta["tokenizer"]["joint"])
 

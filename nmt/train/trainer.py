@@ -172,7 +172,8 @@ class Trainer:
         if self.dist.is_main:
             state = {**self.step.state_dict(), "progress": self.progress.state_dict(), "rng": rng}
             checkpoint = Checkpoint(self.config, self.model.state_dict(), self.data.src_tokenizer,
-                                    self.data.tgt_tokenizer, train_state=state, metrics=numbers(validation or {}))
+                                    self.data.tgt_tokenizer, train_state=state, metrics=numbers(validation or {}),
+                                    languages=self.data.languages)
             best = validation is not None and validation["improved"]
             self.run_dir.save(checkpoint.to_bytes(), self.progress.update, best, self.cfg.keep_last,
                               to_toml(self.config))
