@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from nmt.data import EncodedSplit, TokenBatchSampler, collate, encode_source, pad_sources, padding_fraction, source_ids
+from nmt.data import (
+    EncodedSplit,
+    PreparedData,
+    TokenBatchSampler,
+    collate,
+    encode_source,
+    pad_sources,
+    padding_fraction,
+    source_ids,
+)
 from nmt.errors import NmtError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -103,6 +114,23 @@ def test_collate_shifts_the_target_and_terminates_the_source() -> None:
     assert batch.src.dtype == torch.long and batch.src_mask.dtype == torch.bool
     assert (batch.src_tokens, batch.tgt_tokens, batch.size) == (6, 6, 2)
     assert batch.to("cpu").tgt_out.equal(batch.tgt_out)
+
+
+def test_a_split_collates_its_batches_vectorised_exactly_as_collate(toy_data: Path) -> None:
+    """The trainer's vectorised path (one gather over the memory-mapped ids) against the per-example one."""
+    split = PreparedData.open(toy_data).split("train")
+    rng = np.random.default_rng(0)
+    for indices in ([0], [len(split) - 1, 0, 5], [-1, 3], rng.choice(len(split), 64, replace=False).tolist()):
+        vectorised, looped = split.batch(indices), collate([split[i] for i in indices])
+        for name in ("src", "src_mask", "tgt_in", "tgt_out"):
+            assert torch.equal(getattr(vectorised, name), getattr(looped, name)), name
+            assert getattr(vectorised, name).dtype == getattr(looped, name).dtype
+        assert (vectorised.src_tokens, vectorised.tgt_tokens) == (looped.src_tokens, looped.tgt_tokens)
+    assert torch.equal(split.batch([2, 1]).tgt_out, collate([split[2], split[1]]).tgt_out)  # order kept
+    with pytest.raises(IndexError, match="out of range for a split of"):
+        split.batch([len(split)])
+    with pytest.raises(ValueError, match="empty batch"):
+        split.batch([])
 
 
 def test_translation_encodes_sources_as_training_does(joint_spm) -> None:  # type: ignore[no-untyped-def]

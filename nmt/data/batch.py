@@ -2,8 +2,9 @@
 
 Stored ids carry no BOS/EOS. A source sentence is its ids followed by EOS (no
 BOS); the target is shifted: decoder input BOS + y, decoder output y + EOS.
-`source_ids` is the single definition of the source side, used by `collate`
-here and by the translator, so training and translation cannot disagree.
+`source_ids` is the definition of the source side, used by the translator;
+`terminated` applies the same rule to whole padded arrays for training, and a
+test holds the two equal, so training and translation cannot disagree.
 """
 
 from __future__ import annotations
@@ -78,19 +79,30 @@ def collate(examples: Sequence[Example], pin_memory: bool = False) -> Batch:
     """Pad a list of (source ids, target ids) pairs, as stored (no BOS/EOS), into a `Batch`."""
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    src, src_mask = pad_sources([source_ids(s) for s, _ in examples])
-    lengths = np.array([len(t) for _, t in examples], dtype=np.int64)  # (B,)
-    tgt_out = _pad([t for _, t in examples], lengths, int(lengths.max()) + 1)  # (B, T): y, then PAD
-    tgt_in = np.empty_like(tgt_out)  # (B, T): BOS + y, then PAD
+    src_lengths = np.array([len(s) for s, _ in examples], dtype=np.int64)  # (B,)
+    tgt_lengths = np.array([len(t) for _, t in examples], dtype=np.int64)  # (B,)
+    src = _pad([s for s, _ in examples], src_lengths, int(src_lengths.max()) + 1)
+    tgt = _pad([t for _, t in examples], tgt_lengths, int(tgt_lengths.max()) + 1)
+    return terminated(src, src_lengths, tgt, tgt_lengths, pin_memory)
+
+
+def terminated(src: np.ndarray, src_lengths: np.ndarray, tgt: np.ndarray, tgt_lengths: np.ndarray,
+               pin_memory: bool = False) -> Batch:
+    """The `Batch` of stored ids padded one column wider than the longest row (room for EOS): EOS
+    appended to both sides and BOS prepended to the target's input, in whole-array operations."""
+    rows = np.arange(len(src))
+    src[rows, src_lengths] = EOS_ID  # (B, S): x + EOS
+    src_mask = np.arange(src.shape[1])[None, :] <= src_lengths[:, None]  # (B, S)
+    tgt_in = np.empty_like(tgt)  # (B, T): BOS + y, then PAD
     tgt_in[:, 0] = BOS_ID
-    tgt_in[:, 1:] = tgt_out[:, :-1]
-    tgt_out[np.arange(len(examples)), lengths] = EOS_ID  # y + EOS
+    tgt_in[:, 1:] = tgt[:, :-1]
+    tgt[rows, tgt_lengths] = EOS_ID  # (B, T): y + EOS
     batch = Batch(
-        src=src,
-        src_mask=src_mask,
+        src=torch.from_numpy(src),
+        src_mask=torch.from_numpy(src_mask),
         tgt_in=torch.from_numpy(tgt_in),
-        tgt_out=torch.from_numpy(tgt_out),
-        src_tokens=int(src_mask.sum()),
-        tgt_tokens=int(lengths.sum()) + len(examples),
+        tgt_out=torch.from_numpy(tgt),
+        src_tokens=int(src_lengths.sum()) + len(src),
+        tgt_tokens=int(tgt_lengths.sum()) + len(tgt),
     )
     return batch.pin_memory() if pin_memory else batch

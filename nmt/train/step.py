@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from nmt.config import Config
-from nmt.data import Batch, EncodedSplit, collate
+from nmt.data import Batch, EncodedSplit
 from nmt.device import autocast
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
@@ -90,7 +90,7 @@ class UpdateStep:
 
     def _collate(self, group: Group) -> list[Batch]:
         pin = self.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
-        return [collate([self.split[i] for i in batch], pin_memory=pin) for batch in group]
+        return [self.split.batch(batch, pin_memory=pin) for batch in group]
 
     def _collated(self, group: Group) -> list[Batch]:
         """`group`'s batches: those the background thread prepared, or collated now."""

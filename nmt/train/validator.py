@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nmt.config import Config, DecodeConfig
-from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler, collate, source_ids
+from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler, source_ids
 from nmt.device import autocast
 from nmt.distributed import Distributed
 from nmt.evaluate import corpus_scores
@@ -80,7 +80,7 @@ class Validator:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, NLL, target tokens
         sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, self.batch_tokens, seed=0, shuffle=False)
         for batch_ids in sampler.batches(1)[dist.rank::dist.world_size]:
-            batch = collate([split[i] for i in batch_ids]).to(self.device)
+            batch = split.batch(batch_ids).to(self.device)
             with autocast(self.device, self.amp_dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                 loss, nll = label_smoothed_loss(features, model.output_projection(), batch.tgt_out,
