@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -123,10 +124,40 @@ def copy_model(copy_spm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(params=["cpu", "cuda"])
-def device(request: pytest.FixtureRequest) -> str:
-    """Run a test on the CPU, and on CUDA where there is one (skipped elsewhere)."""
+def device(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on the CPU, and on CUDA where there is one (skipped elsewhere).
+
+    On CUDA the test runs in true fp32: TF32 products are off for its duration, and restored after.
+    cuDNN's RNNs use TF32 by default, and the CLI's `tune_cpu` (run in-process by the CLI tests)
+    turns it on for cuBLAS too; about 10 bits of mantissa would break the tests' fp32 tolerances.
+    """
     import torch
 
-    if request.param == "cuda" and not torch.cuda.is_available():
+    if request.param == "cpu":
+        yield "cpu"
+        return
+    if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    return request.param
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield "cuda"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture
+def train_device(device: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The config overrides that train on `device`. On CUDA also deterministic kernels, which a bitwise resume
+    needs there (the CPU's kernels always are); torch's process-wide switch is put back afterwards."""
+    if device == "cpu":
+        yield ["train.device=cpu"]
+        return
+    import torch
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what the trainer would set, undone after
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield ["train.device=cuda", "train.deterministic=true"]
+    finally:
+        torch.use_deterministic_algorithms(previous)

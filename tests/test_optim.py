@@ -76,16 +76,17 @@ def test_weight_decay_groups() -> None:
     assert len(no_decay["params"]) == 4  # embedding, linear bias, norm weight and bias
 
 
-def test_label_smoothing_matches_hand_computation() -> None:
-    logits = torch.tensor([[[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]])
-    identity = torch.eye(4)  # features @ identity.T are the logits themselves
-    target = torch.tensor([[2, 3, PAD_ID]])
+def test_label_smoothing_matches_hand_computation(device: str) -> None:
+    values = [[[2.0, 0.0, 1.0, -1.0], [0.5, 0.5, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]]]
+    logits = torch.tensor(values, device=device)
+    identity = torch.eye(4, device=device)  # features @ identity.T are the logits themselves
+    target = torch.tensor([[2, 3, PAD_ID]], device=device)
     eps = 0.1
     loss, nll = label_smoothed_loss(logits, identity, target, eps)
     expected_nll = expected_loss = 0.0
-    for row, gold in ((logits[0, 0], 2), (logits[0, 1], 3)):
-        logz = math.log(sum(math.exp(v) for v in row.tolist()))
-        logp = [v - logz for v in row.tolist()]
+    for row, gold in ((values[0][0], 2), (values[0][1], 3)):
+        logz = math.log(sum(math.exp(v) for v in row))
+        logp = [v - logz for v in row]
         expected_nll += -logp[gold]
         expected_loss += (1 - eps) * -logp[gold] + eps * sum(-lp for lp in logp) / 4
     assert nll.item() == pytest.approx(expected_nll, rel=1e-6)
@@ -97,18 +98,27 @@ def test_label_smoothing_matches_hand_computation() -> None:
     assert plain.item() == pytest.approx(expected_nll, rel=1e-6)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_loss_gradients_equal_autograd_reference(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Loss and the gradients of features and output matrix equal plain projection + cross_entropy,
-    over several chunks (the last one partial), in fp32 and under bf16 autocast."""
-    monkeypatch.setattr("nmt.loss.ROWS_PER_CHUNK", 8)  # 21 rows: chunks of 8, 8 and 5
+def loss_inputs(shape: tuple[int, int, int], vocab: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Seeded features (B, T, D) and output matrix (V, D), both requiring gradients, and targets (B, T):
+    drawn on the CPU, then moved, so that every device sees the same numbers."""
     torch.manual_seed(0)
-    features = torch.randn(3, 7, 16, requires_grad=True)
-    weight = torch.randn(50, 16, requires_grad=True)
-    target = torch.randint(4, 50, (3, 7))
+    features, weight = torch.randn(shape), torch.randn(vocab, shape[2])
+    target = torch.randint(4, vocab, shape[:2])
+    return features.to(device).requires_grad_(), weight.to(device).requires_grad_(), target.to(device)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_loss_gradients_equal_autograd_reference(precision: str, device: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and the gradients of features and output matrix equal plain projection + cross_entropy,
+    over several chunks (the last one partial), in fp32 and under bf16 autocast. The reference runs
+    on the same device, so the tolerances are those of the CPU."""
+    for chunk in ("ROWS_PER_CHUNK", "CUDA_ROWS_PER_CHUNK"):  # 21 rows: chunks of 8, 8 and 5
+        monkeypatch.setattr(f"nmt.loss.{chunk}", 8)
+    features, weight, target = loss_inputs((3, 7, 16), 50, device)
     target[0, 5:] = PAD_ID
     target[2, 3:] = PAD_ID
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss, nll = label_smoothed_loss(features, weight, target, 0.2)
         (loss * 0.5).backward()
         logits = (features @ weight.t()).float().view(-1, 50)
@@ -128,10 +138,8 @@ def test_fused_loss_gradients_equal_autograd_reference(precision: str, monkeypat
     assert ours[0][0, 5:].abs().max() == 0  # padding positions get no gradient
 
 
-def test_fused_loss_without_gradients_gives_the_same_values() -> None:
-    torch.manual_seed(0)
-    features, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
-    target = torch.randint(4, 30, (2, 5))
+def test_fused_loss_without_gradients_gives_the_same_values(device: str) -> None:
+    features, weight, target = loss_inputs((2, 5, 8), 30, device)
     with_grad = label_smoothed_loss(features, weight, target, 0.1)
     with torch.inference_mode():
         without = label_smoothed_loss(features, weight, target, 0.1)

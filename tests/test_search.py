@@ -27,25 +27,28 @@ A, B = 4, 5  # the two ordinary tokens of the scripted decoder
 class ToyModel:
     """A seeded random decoder: each step's logits are a table row picked by hashing the source and the prefix.
 
-    It follows the model interface and counts its step and reorder calls.
+    It follows the model interface and counts its step and reorder calls. The table is drawn on the
+    CPU and then moved to `device`, so that every device decodes the same numbers.
     """
 
     rows = 1 << 16
 
     def __init__(self, vocab: int, seed: int = 0, scale: float = 2.0, bias: dict[int, float] | None = None,
-                 max_positions: int | None = None) -> None:
-        self.logits = torch.randn(self.rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+                 max_positions: int | None = None, device: str = "cpu") -> None:
+        logits = torch.randn(self.rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
         for token, value in (bias or {}).items():
-            self.logits[:, token] += value
+            logits[:, token] += value
+        self.logits, self.device = logits.to(device), device
         self.max_positions = max_positions
         self.steps = self.reorders = self.within = 0
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
-        weights = torch.arange(src.size(1)) * 7919 + 13  # (S,)
+        weights = torch.arange(src.size(1), device=src.device) * 7919 + 13  # (S,)
         return ((src + 1) * weights * src_mask).sum(1) % self.rows  # (B,)
 
     def init_state(self, memory: Tensor, src_mask: Tensor) -> dict[str, Tensor]:
-        return {"key": memory, "prefix": torch.zeros_like(memory), "sentence": torch.arange(memory.size(0))}
+        sentence = torch.arange(memory.size(0), device=memory.device)
+        return {"key": memory, "prefix": torch.zeros_like(memory), "sentence": sentence}
 
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.steps += 1
@@ -64,7 +67,7 @@ class ToyModel:
 
     def finish_immediately(self, src: list[int]) -> None:
         """Make EOS almost certain as the first output token for this source sentence."""
-        key = self.encode(torch.tensor([src]), torch.ones(1, len(src), dtype=torch.bool))
+        key = self.encode(*batch_of([src], device=self.device))
         row = (key * 31 + (BOS_ID + 1) % self.rows) % self.rows
         self.logits[row, EOS_ID] = 40.0
 
@@ -75,14 +78,15 @@ class ScriptedModel:
     max_positions = None
     vocab = 6
 
-    def __init__(self, table: dict[tuple[int, ...], dict[int, float]], default: dict[int, float]) -> None:
-        self.table, self.default = table, default
+    def __init__(self, table: dict[tuple[int, ...], dict[int, float]], default: dict[int, float],
+                 device: str = "cpu") -> None:
+        self.table, self.default, self.device = table, default, device
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         return src
 
     def init_state(self, memory: Tensor, src_mask: Tensor) -> Tensor:
-        return torch.zeros(memory.size(0), 0, dtype=torch.long)  # (B, t) the prefix
+        return torch.zeros(memory.size(0), 0, dtype=torch.long, device=memory.device)  # (B, t) the prefix
 
     def step(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         prefix = torch.cat([state, tokens.unsqueeze(1)], 1)
@@ -91,17 +95,19 @@ class ScriptedModel:
             probs = self.table.get(tuple(row[1:]), self.default)
             weights = torch.tensor([probs.get(t, 1e-6) for t in range(self.vocab)], dtype=torch.float64)
             rows.append((weights / weights.sum()).log().float())
-        return torch.stack(rows), prefix
+        return torch.stack(rows).to(prefix.device), prefix  # computed on the CPU: the same on every device
 
     def reorder_state(self, state: Tensor, index: Tensor, within_sentences: bool = False) -> Tensor:
         return state[index]
 
 
-def batch_of(sentences: list[list[int]], extra_pad: int = 0) -> tuple[Tensor, Tensor]:
+def batch_of(sentences: list[list[int]], extra_pad: int = 0, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """The padded source batch (B, S) on `device`, and its mask."""
     width = max(map(len, sentences)) + extra_pad
     src = torch.full((len(sentences), width), PAD_ID)
     for i, sentence in enumerate(sentences):
         src[i, : len(sentence)] = torch.tensor(sentence)
+    src = src.to(device)
     return src, src != PAD_ID
 
 
@@ -117,12 +123,12 @@ def penalty(length: int, config: DecodeConfig) -> float:
 
 def replay(model: ToyModel | ScriptedModel, src: list[int], tokens: list[int]) -> list[Tensor]:
     """The model's log-probabilities (float64) before each output token, fed the tokens one by one."""
-    source, mask = batch_of([src])
+    source, mask = batch_of([src], device=model.device)
     state = model.init_state(model.encode(source, mask), mask)
     out = []
     for previous in [BOS_ID, *tokens[:-1]]:
-        log_probs, state = model.step(torch.tensor([previous]), state)
-        out.append(log_probs[0].double())
+        log_probs, state = model.step(torch.tensor([previous], device=model.device), state)
+        out.append(log_probs[0].double().cpu())
     return out
 
 
@@ -133,16 +139,16 @@ def raw_score(model: ToyModel | ScriptedModel, src: list[int], tokens: list[int]
 def oracle(model: ToyModel, src: list[int], config: DecodeConfig) -> list[tuple[list[int], float, float]]:
     """Every output the rules allow, as (tokens, score, raw score), best first, by exhaustive enumeration."""
     limit = max(1, int(config.max_len_a * len(src) + config.max_len_b))
-    source, mask = batch_of([src])
+    source, mask = batch_of([src], device=model.device)
     found = []
 
     def extend(prefix: list[int], state: object, raw: float) -> None:
-        log_probs, state = model.step(torch.tensor([prefix[-1] if prefix else BOS_ID]), state)
+        log_probs, state = model.step(torch.tensor([prefix[-1] if prefix else BOS_ID], device=model.device), state)
         length = len(prefix) + 1
-        for token in range(log_probs.size(1)):
+        for token, log_prob in enumerate(log_probs[0].tolist()):
             if token in (PAD_ID, BOS_ID) or (token == UNK_ID and config.ban_unk):
                 continue
-            total = raw + float(log_probs[0, token])
+            total = raw + log_prob
             if token == EOS_ID and (length >= config.min_len or length == limit):
                 found.append((prefix + [token], total / penalty(length, config), total))
             elif token != EOS_ID and length < limit:
@@ -162,16 +168,28 @@ def assert_same(got: list[Hypothesis], expected: list[tuple[list[int], float, fl
         assert h.score == pytest.approx(score, abs=1e-5) and h.raw_score == pytest.approx(raw, abs=1e-5)
 
 
+def assert_same_outputs(got: list[list[Hypothesis]], expected: list[list[Hypothesis]], device: str) -> None:
+    """The same hypotheses from batches of different shapes: bitwise on the CPU, where a row's
+    reductions do not depend on the batch; on CUDA the same tokens with scores to 1e-5, since
+    its kernels may reduce a row in another order in a batch of another shape."""
+    if device == "cpu":
+        assert got == expected
+        return
+    assert len(got) == len(expected)
+    for hyps, truth in zip(got, flat(expected), strict=True):
+        assert_same(hyps, truth)
+
+
 PENALTY_GRID = [(alpha, form) for alpha in (0.0, 0.6, 2.0) for form in ("gnmt", "average")]
 
 
 @pytest.mark.parametrize(("alpha", "form"), PENALTY_GRID)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam_matches_exhaustive_oracle(alpha: float, form: str, seed: int) -> None:
+def test_beam_matches_exhaustive_oracle(alpha: float, form: str, seed: int, device: str) -> None:
     # vocabulary 5: UNK, EOS and token 4 can be produced; at most 4 output tokens
-    model = ToyModel(vocab=5, seed=seed, scale=1.5)
+    model = ToyModel(vocab=5, seed=seed, scale=1.5, device=device)
     sentences = [[4], [4, 4], [4, 4, 4]]  # limits 2, 3, 4
-    src, mask = batch_of(sentences)
+    src, mask = batch_of(sentences, device=device)
     base = DecodeConfig(alpha=alpha, length_penalty=form, max_len_a=1.0, max_len_b=1)
     for options in ({}, {"min_len": 3}, {"ban_unk": True}):
         config = replace(base, **options)
@@ -191,7 +209,7 @@ def test_beam_matches_exhaustive_oracle(alpha: float, form: str, seed: int) -> N
                     assert (h.score, h.raw_score) == pytest.approx(scored[tuple(h.tokens)], abs=1e-5)
 
 
-def scripted() -> ScriptedModel:
+def scripted(device: str) -> ScriptedModel:
     """[EOS] has probability .55; [A, B, EOS] has .45 * .9 * .9 = .3645 but is longer."""
     return ScriptedModel(
         table={
@@ -200,6 +218,7 @@ def scripted() -> ScriptedModel:
             (A, B): {EOS_ID: 0.9, A: 0.05, B: 0.05},
         },
         default={EOS_ID: 1 / 3, A: 1 / 3, B: 1 / 3},
+        device=device,
     )
 
 
@@ -212,9 +231,10 @@ def scripted() -> ScriptedModel:
         (0.6, "average", [A, B, EOS_ID]),  # -1.009 / 3 ** 0.6 = -0.522
     ],
 )
-def test_length_penalty_decides_between_short_and_long(alpha: float, form: str, expected: list[int]) -> None:
-    model = scripted()
-    src, mask = batch_of([[A]])
+def test_length_penalty_decides_between_short_and_long(alpha: float, form: str, expected: list[int],
+                                                       device: str) -> None:
+    model = scripted(device)
+    src, mask = batch_of([[A]], device=device)
     config = DecodeConfig(beam=2, nbest=1, alpha=alpha, length_penalty=form, max_len_a=0.0, max_len_b=6)
     (best,) = beam_search(model, src, mask, config)[0]
     raw = math.log(0.55) if expected == [EOS_ID] else math.log(0.45 * 0.9 * 0.9)
@@ -226,7 +246,7 @@ def test_length_penalty_decides_between_short_and_long(alpha: float, form: str, 
     assert beam_search(model, src, mask, replace(config, early_stop=True))[0][0].tokens == [EOS_ID]
 
 
-def test_stopping_waits_for_a_long_winner() -> None:
+def test_stopping_waits_for_a_long_winner(device: str) -> None:
     # after [A, A] (raw -1.156) the bound at the next length, -1.156 / lp(3) = -0.650, is below [EOS]'s -0.598,
     # but the limit is 8 and [A, A, A, A, EOS] ends at -1.310 / lp(5) = -0.472: only the bound at the limit is safe
     model = ScriptedModel(
@@ -238,8 +258,9 @@ def test_stopping_waits_for_a_long_winner() -> None:
             (A, A, A, A): {EOS_ID: 0.95, A: 0.05},
         },
         default={EOS_ID: 1 / 3, A: 1 / 3, B: 1 / 3},
+        device=device,
     )
-    src, mask = batch_of([[A]])
+    src, mask = batch_of([[A]], device=device)
     config = DecodeConfig(beam=2, nbest=1, alpha=2.0, max_len_a=0.0, max_len_b=8)
     (best,) = beam_search(model, src, mask, config)[0]
     assert best.tokens == [A, A, A, A, EOS_ID]
@@ -248,35 +269,35 @@ def test_stopping_waits_for_a_long_winner() -> None:
 
 
 @pytest.mark.parametrize(("alpha", "form"), PENALTY_GRID)
-def test_nbest_one_is_the_top_of_nbest_five(alpha: float, form: str) -> None:
-    model = ToyModel(vocab=12, seed=3, scale=1.0)
-    src, mask = batch_of(random_sentences(8, 12, seed=4))
+def test_nbest_one_is_the_top_of_nbest_five(alpha: float, form: str, device: str) -> None:
+    model = ToyModel(vocab=12, seed=3, scale=1.0, device=device)
+    src, mask = batch_of(random_sentences(8, 12, seed=4), device=device)
     config = DecodeConfig(beam=5, alpha=alpha, length_penalty=form, max_len_a=1.2, max_len_b=3)
     one = beam_search(model, src, mask, replace(config, nbest=1))
     five = beam_search(model, src, mask, replace(config, nbest=5))
     assert [len(hyps) for hyps in one] == [1] * 8 and [len(hyps) for hyps in five] == [5] * 8
-    assert [hyps[0] for hyps in one] == [hyps[0] for hyps in five]
+    assert_same_outputs([hyps[:1] for hyps in one], [hyps[:1] for hyps in five], device)
 
 
 @pytest.mark.parametrize(("alpha", "form"), PENALTY_GRID)
-def test_beam_of_one_equals_greedy(alpha: float, form: str) -> None:
-    model = ToyModel(vocab=12, seed=5, scale=1.0)
-    src, mask = batch_of(random_sentences(8, 12, seed=6))
+def test_beam_of_one_equals_greedy(alpha: float, form: str, device: str) -> None:
+    model = ToyModel(vocab=12, seed=5, scale=1.0, device=device)
+    src, mask = batch_of(random_sentences(8, 12, seed=6), device=device)
     for options in ({}, {"min_len": 4, "ban_unk": True}):
         config = DecodeConfig(beam=1, nbest=1, alpha=alpha, length_penalty=form, max_len_a=1.0, max_len_b=4, **options)
         greedy = greedy_search(model, src, mask, config)
-        assert beam_search(model, src, mask, config) == greedy
-        assert search(model, src, mask, config) == greedy
+        assert_same_outputs(beam_search(model, src, mask, config), greedy, device)
+        assert search(model, src, mask, config) == greedy  # the same computation: exact on every device
         assert len({len(hyps[0].tokens) for hyps in greedy}) > 2  # outputs of varied lengths
 
 
-def test_batch_invariance_greedy_and_beam() -> None:
-    model = ToyModel(vocab=12, seed=7, scale=1.0, bias={EOS_ID: -1.0})
+def test_batch_invariance_greedy_and_beam(device: str) -> None:
+    model = ToyModel(vocab=12, seed=7, scale=1.0, bias={EOS_ID: -1.0}, device=device)
     sentences = random_sentences(9, 12, seed=8, longest=9)
     model.finish_immediately(sentences[0])
     order = list(range(len(sentences)))
     random.Random(9).shuffle(order)
-    src, mask = batch_of([sentences[i] for i in order], extra_pad=3)
+    src, mask = batch_of([sentences[i] for i in order], extra_pad=3, device=device)
     for config in (
         DecodeConfig(beam=1, nbest=1, max_len_a=1.0, max_len_b=3),
         DecodeConfig(beam=4, nbest=1, max_len_a=1.0, max_len_b=3, alpha=1.0),
@@ -284,16 +305,16 @@ def test_batch_invariance_greedy_and_beam() -> None:
         DecodeConfig(beam=3, nbest=2, max_len_a=1.0, max_len_b=3, early_stop=True),
     ):
         batched = search(model, src, mask, config)
-        alone = [search(model, *batch_of([s]), config)[0] for s in sentences]
-        assert [batched[order.index(i)] for i in range(len(sentences))] == alone
+        alone = [search(model, *batch_of([s], device=device), config)[0] for s in sentences]
+        assert_same_outputs([batched[order.index(i)] for i in range(len(sentences))], alone, device)
         assert alone[0][0].tokens == [EOS_ID]
         assert max(len(hyps[0].tokens) for hyps in alone) > 5
 
 
-def test_max_length_per_sentence_and_forced_eos() -> None:
-    model = ToyModel(vocab=9, seed=10, bias={EOS_ID: -30.0})  # EOS is never wanted
+def test_max_length_per_sentence_and_forced_eos(device: str) -> None:
+    model = ToyModel(vocab=9, seed=10, bias={EOS_ID: -30.0}, device=device)  # EOS is never wanted
     sentences = [[4], [5, 6, 7], [4, 5, 6, 7, 8, 4], [8, 8]]
-    src, mask = batch_of(sentences, extra_pad=2)
+    src, mask = batch_of(sentences, extra_pad=2, device=device)
     config = DecodeConfig(nbest=2, max_len_a=1.5, max_len_b=2)
     limits = [int(1.5 * len(s) + 2) for s in sentences]
     assert limits == [3, 6, 11, 5]
@@ -308,14 +329,14 @@ def test_max_length_per_sentence_and_forced_eos() -> None:
                 assert len(h.tokens) == limit and h.tokens[-1] == EOS_ID and EOS_ID not in h.tokens[:-1]
                 assert h.raw_score == pytest.approx(raw_score(model, sentence, h.tokens), abs=1e-4)
                 assert h.raw_score < -30  # the forced EOS is scored
-    capped = ToyModel(vocab=9, seed=10, bias={EOS_ID: -30.0}, max_positions=4)
+    capped = ToyModel(vocab=9, seed=10, bias={EOS_ID: -30.0}, max_positions=4, device=device)
     assert [len(h[0].tokens) for h in search(capped, src, mask, config)] == [3, 4, 4, 4]
 
 
-def test_specials_min_len_and_ban_unk() -> None:
+def test_specials_min_len_and_ban_unk(device: str) -> None:
     # the model prefers PAD, BOS and UNK, then EOS, to every ordinary token
-    model = ToyModel(vocab=10, seed=11, bias={PAD_ID: 12.0, BOS_ID: 12.0, UNK_ID: 12.0, EOS_ID: 8.0})
-    src, mask = batch_of(random_sentences(5, 10, seed=12))
+    model = ToyModel(vocab=10, seed=11, bias={PAD_ID: 12.0, BOS_ID: 12.0, UNK_ID: 12.0, EOS_ID: 8.0}, device=device)
+    src, mask = batch_of(random_sentences(5, 10, seed=12), device=device)
     for options in ({"beam": 1, "nbest": 1}, {"beam": 4, "nbest": 3}, {"sampling": True, "nbest": 3}):
         config = DecodeConfig(max_len_a=1.0, max_len_b=5, **options)
         plain = [h for hyps in search(model, src, mask, config) for h in hyps]
@@ -331,18 +352,18 @@ def test_specials_min_len_and_ban_unk() -> None:
             assert best == [[EOS_ID]] * 5
 
 
-def test_beam_reorders_state_once_per_step() -> None:
-    model = ToyModel(vocab=12, seed=13, scale=1.0)
-    src, mask = batch_of(random_sentences(6, 12, seed=14))
+def test_beam_reorders_state_once_per_step(device: str) -> None:
+    model = ToyModel(vocab=12, seed=13, scale=1.0, device=device)
+    src, mask = batch_of(random_sentences(6, 12, seed=14), device=device)
     beam_search(model, src, mask, DecodeConfig(beam=4, nbest=2, max_len_a=1.0, max_len_b=3))
     assert 0 < model.reorders <= model.steps <= 9
     assert 0 < model.within < model.reorders  # back-pointer steps skip the per-sentence copies; the first expands
 
 
-def test_sampling_seeded_and_truncated() -> None:
-    model = ToyModel(vocab=12, seed=15, scale=0.5)
+def test_sampling_seeded_and_truncated(device: str) -> None:
+    model = ToyModel(vocab=12, seed=15, scale=0.5, device=device)
     sentences = random_sentences(4, 12, seed=16)
-    src, mask = batch_of(sentences)
+    src, mask = batch_of(sentences, device=device)
     config = DecodeConfig(sampling=True, nbest=3, max_len_a=1.0, max_len_b=4, seed=1)
     first = search(model, src, mask, config)
     assert search(model, src, mask, config) == first
@@ -396,9 +417,10 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
 
 @pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("lstm", 1.0), ("lstm", 2.0), ("gru", 2.0),
                         ("rnn", 2.0)])
-def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
-    """A small random model of each architecture, in eval mode; random models run to the length limit
-    unless the EOS output row is scaled up (x2 gives a mix of short and long outputs)."""
+def real_model(request: pytest.FixtureRequest, device: str) -> torch.nn.Module:
+    """A small random model of each architecture, in eval mode, built on the CPU and moved to `device`;
+    random models run to the length limit unless the EOS output row is scaled up (x2 gives a mix of
+    short and long outputs)."""
     from nmt.config import ModelConfig
     from nmt.models import build_model
 
@@ -411,7 +433,7 @@ def real_model(request: pytest.FixtureRequest) -> torch.nn.Module:
     model = build_model(config).eval()
     with torch.no_grad():
         model.output.weight[EOS_ID] *= request.param[1]
-    return model
+    return model.to(device)
 
 
 def teacher_forced(model: torch.nn.Module, src: Tensor, mask: Tensor, hyps: list[list[Hypothesis]]) -> list[float]:
@@ -423,24 +445,28 @@ def teacher_forced(model: torch.nn.Module, src: Tensor, mask: Tensor, hyps: list
     for i, tokens in enumerate(outputs):
         tgt_in[i, : len(tokens)] = torch.tensor([BOS_ID, *tokens[:-1]])
         tgt_out[i, : len(tokens)] = torch.tensor(tokens)
+    tgt_in, tgt_out = tgt_in.to(src.device), tgt_out.to(src.device)
     with torch.no_grad():
         log_probs = torch.log_softmax(model(src[rows], mask[rows], tgt_in).float(), -1)  # (N, T, V)
     picked = log_probs.gather(2, tgt_out.unsqueeze(2)).squeeze(2)  # (N, T)
     return picked.masked_fill(tgt_out == PAD_ID, 0.0).sum(1).tolist()
 
 
-def test_real_models_beam_of_one_equals_greedy_and_scores_are_teacher_forced(real_model: torch.nn.Module) -> None:
+def test_real_models_beam_of_one_equals_greedy_and_scores_are_teacher_forced(real_model: torch.nn.Module,
+                                                                            device: str) -> None:
     sentences = random_sentences(6, 40, seed=18, longest=8)
-    src, mask = batch_of(sentences, extra_pad=1)
+    src, mask = batch_of(sentences, extra_pad=1, device=device)
     config = DecodeConfig(beam=1, nbest=1, alpha=0.6, max_len_a=1.0, max_len_b=5)
     greedy = greedy_search(real_model, src, mask, config)
-    assert beam_search(real_model, src, mask, config) == greedy
+    # the same batch shapes, but beam search reorders the cached states every step: on CUDA, another
+    # memory layout may take another kernel
+    assert_same_outputs(beam_search(real_model, src, mask, config), greedy, device)
     beam = beam_search(real_model, src, mask, replace(config, beam=4, nbest=3, length_penalty="average", alpha=1.0))
     for hyps, run in ((greedy, config), (beam, replace(config, length_penalty="average", alpha=1.0))):
         raws = teacher_forced(real_model, src, mask, hyps)
         for h, raw in zip([h for sentence in hyps for h in sentence], raws, strict=True):
             assert h.raw_score == pytest.approx(raw, abs=1e-4)
             assert h.score == pytest.approx(raw / penalty(len(h.tokens), run), abs=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         mixed = search(real_model, src, mask, replace(config, beam=3))
     assert all(h.tokens[-1] == EOS_ID and math.isfinite(h.score) for hyps in mixed for h in hyps)

@@ -35,9 +35,10 @@ def parameters(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("model", ["transformer", "lstm"])
-def test_resume_is_bitwise_identical(toy_data: Path, tmp_path: Path, model: str) -> None:
+def test_resume_is_bitwise_identical(toy_data: Path, tmp_path: Path, model: str, train_device: list[str]) -> None:
+    """Exact on every device: both runs are on the same device, with the same kernels."""
     extra = ["train.max_tokens=2000", "train.accum_steps=2", "train.valid_every=3", "train.valid_max_sentences=8",
-             "model.dropout=0.2"]
+             "model.dropout=0.2", *train_device]
     if model == "lstm":
         extra += ["model.arch=rnn", "model.embed_dim=32", "model.hidden_size=32", "model.enc_layers=1",
                   "model.dec_layers=1"]

@@ -12,9 +12,11 @@ from nmt.train import Trainer
 from tests.test_train import make_config
 
 
-def test_prefetched_batches_give_the_same_updates(toy_data: Path, tmp_path: Path) -> None:
+def test_prefetched_batches_give_the_same_updates(toy_data: Path, tmp_path: Path, train_device: list[str]) -> None:
+    """Exact on every device: both trainers run the same kernels on the same device (on a GPU, the
+    prefetched batches are pinned and copied without waiting)."""
     extra = ["train.max_tokens=300", "train.accum_steps=2", "model.dropout=0.0", "train.valid_bleu=false",
-             "train.best_metric=loss"]
+             "train.best_metric=loss", *train_device]
     plain, prefetching = (Trainer(make_config(toy_data, tmp_path / name, *extra)) for name in ("a", "b"))
     batches = plain.sampler.batches(1)
     groups = [batches[i:i + 2] for i in range(0, 8, 2)]
