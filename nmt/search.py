@@ -14,6 +14,11 @@ Conventions shared by every strategy, so that their results compare exactly:
 - A sentence's length limit depends only on its own number of real source positions
   and the model's `max_positions`, so greedy and beam search translate a sentence the
   same alone or in any batch. Sampling draws from one seeded stream for the batch.
+- The host reads the device only every `sync_every` steps (`sync_interval`): then
+  finished sentences leave the batch. Between those reads a finished sentence rides
+  along, its results stored when it finished, so the output does not depend on
+  the interval (greedy and beam; sampling reads every step, as its draws depend on
+  which rows are live).
 """
 
 from __future__ import annotations
@@ -32,6 +37,12 @@ from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 PENALTIES = ("gnmt", "average")
 NEG_INF = float("-inf")
+
+
+def sync_interval(device: torch.device) -> int:
+    """Steps between the search's host reads. On a CPU a read costs nothing and every finished
+    sentence that leaves at once saves work: 1. On a GPU each read stalls the queue of kernels: 8."""
+    return 1 if device.type == "cpu" else 8
 
 
 class Decoder(Protocol):
@@ -88,10 +99,12 @@ def search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) 
 
 
 @torch.inference_mode()
-def greedy_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+def greedy_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig,
+                  sync_every: int | None = None) -> list[list[Hypothesis]]:
     """The most probable token at every step: the same result as a beam of one, with less bookkeeping."""
     state, max_len = _start(model, src, src_mask, config)
-    return _decode_rows(model, state, max_len, config, 1, lambda log_probs: log_probs.argmax(1))
+    every = sync_every or sync_interval(src.device)
+    return _decode_rows(model, state, max_len, config, 1, lambda log_probs: log_probs.argmax(1), every)
 
 
 @torch.inference_mode()
@@ -108,11 +121,12 @@ def sample_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeC
         logits = _truncate(log_probs / config.temperature, config.top_k, config.top_p)  # (R, V)
         return torch.multinomial(logits.softmax(1), 1, generator=generator).squeeze(1)
 
-    return _decode_rows(model, state, max_len, config, config.nbest, draw)
+    return _decode_rows(model, state, max_len, config, config.nbest, draw, sync_every=1)
 
 
 @torch.inference_mode()
-def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
+def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig,
+                sync_every: int | None = None) -> list[list[Hypothesis]]:
     """Beam search over all sentences and beams at once, with an exact stopping rule.
 
     Each step keeps the `beam` best extensions of a sentence's live beams; those
@@ -125,52 +139,73 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
     `beam` hypotheses finished (faster, inexact). Finished sentences leave the batch.
     """
     state, max_len = _start(model, src, src_mask, config)
-    beam, nbest = config.beam, config.nbest
-    batch, device = max_len.numel(), max_len.device
-    limit = int(max_len.max())
+    beam, nbest, device = config.beam, config.nbest, max_len.device
+    every, limit = sync_every or sync_interval(device), int(max_len.max())
     lp = _penalty_table(limit, config, device)  # (T+2,)
-    lp_limit = lp[max_len]  # (N,) lp at each sentence's longest output
-    sentence = torch.arange(batch, device=device)  # (N,) batch index of each live sentence
-    scores = torch.zeros(batch, 1, device=device)  # (N, W) raw scores of the live beams
-    tokens = torch.full((batch, limit), PAD_ID, device=device)  # (N*W, T)
-    last = torch.full((batch,), BOS_ID, device=device)  # (N*W,)
-    finished = torch.zeros(batch, dtype=torch.long, device=device)  # (N,) hypotheses finished so far
-    pool = _Finished.empty(batch, nbest, limit, device)
-    results = _Finished.empty(batch, nbest, limit, device)
+    live = _Live.start(max_len, lp)
+    scores = torch.zeros(len(max_len), 1, device=device)  # (N, W) raw scores of the live beams
+    tokens = torch.full((len(max_len), limit), PAD_ID, device=device)  # (N*W, T)
+    last = torch.full((len(max_len),), BOS_ID, device=device)  # (N*W,)
+    pool, results = (_Finished.empty(len(max_len), nbest, limit, device) for _ in range(2))
     shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         live_count, width = scores.shape
         log_probs, state = model.step(last, state)  # (N*W, V)
-        log_probs = _mask(log_probs, step, max_len.repeat_interleave(width) if step + 1 >= shortest else None, config)
+        at_limit = live.max_len.repeat_interleave(width) if step + 1 >= shortest else None
+        log_probs = _mask(log_probs, step, at_limit, config, sync_free=every > 1)
         top, origin, token = _best_extensions(log_probs, scores, beam)  # (N, K) each
         tokens = tokens[origin.view(-1)]  # (N*K, T)
         tokens[:, step] = token.view(-1)
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
-        finished += ended.sum(1)
         new = _Finished(torch.where(ended, top / lp[step + 1], NEG_INF), top, ended.long() * (step + 1),
                         tokens.view(live_count, -1, limit))
         pool = pool.merge(new, nbest)
-        live = top.masked_fill(ended, NEG_INF)  # (N, K)
-        reachable = live.amax(1) / torch.maximum(lp[step + 2], lp_limit)  # (N,)
-        done = reachable <= pool.score[:, -1]
-        if config.early_stop:
-            done |= finished >= beam
+        alive = top.masked_fill(ended, NEG_INF)  # (N, K)
+        live = live.after_step(ended, alive, pool, lp[step + 2], beam if config.early_stop else None)
+        results.store(live.sentence, live.newly_done, pool)
         within = origin.size(1) == width  # back-pointers only, unless sentences leave below
-        if done.any():
-            within = False
-            for kept, current in zip(results, pool, strict=True):
-                kept[sentence[done]] = current[done]
-            keep = (~done).nonzero().squeeze(1)
+        if (step + 1) % every == 0 and live.done.any():  # the host read: done sentences leave
+            keep = (~live.done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            sentence, max_len, lp_limit, finished = sentence[keep], max_len[keep], lp_limit[keep], finished[keep]
-            shortest = int(max_len.min())
-            pool = _Finished(*(current[keep] for current in pool))
-            origin, live, token = origin[keep], live[keep], token[keep]
+            live, pool, within = live.select(keep), pool.select(keep), False
+            shortest = int(live.max_len.min())
+            origin, alive, token = origin[keep], alive[keep], token[keep]
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
         state = model.reorder_state(state, origin.view(-1), within_sentences=within)
-        scores, last = live, token.view(-1)
+        scores, last = alive, token.view(-1)
     return _hypotheses(results.tokens, results.raw, results.length, config)
+
+
+class _Live(NamedTuple):
+    """Per sentence still in the batch: its index, limit, lp at that limit, hypotheses finished so far,
+    and whether it is done (its results stored; it rides along until the next host read)."""
+
+    sentence: Tensor  # (N,) batch index
+    max_len: Tensor  # (N,)
+    lp_limit: Tensor  # (N,)
+    finished: Tensor  # (N,) long
+    done: Tensor  # (N,) bool
+    newly_done: Tensor  # (N,) bool: done at this step
+
+    @classmethod
+    def start(cls, max_len: Tensor, lp: Tensor) -> _Live:
+        batch, device = len(max_len), max_len.device
+        none = torch.zeros(batch, dtype=torch.bool, device=device)
+        return cls(torch.arange(batch, device=device), max_len, lp[max_len],
+                   torch.zeros(batch, dtype=torch.long, device=device), none, none)
+
+    def after_step(self, ended: Tensor, alive: Tensor, pool: _Finished, lp_next: Tensor, early: int | None) -> _Live:
+        """Done: no live beam can still beat the worst of a full pool (or, early, `early` hypotheses ended)."""
+        finished = self.finished + ended.sum(1)
+        reachable = alive.amax(1) / torch.maximum(lp_next, self.lp_limit)  # (N,)
+        done = reachable <= pool.score[:, -1]
+        if early is not None:
+            done |= finished >= early
+        return self._replace(finished=finished, done=self.done | done, newly_done=done & ~self.done)
+
+    def select(self, keep: Tensor) -> _Live:
+        return _Live(*(values[keep] for values in self))
 
 
 def _best_extensions(log_probs: Tensor, scores: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,6 +240,15 @@ class _Finished(NamedTuple):
             length=torch.zeros(batch, size, dtype=torch.long, device=device),
             tokens=torch.full((batch, size, limit), PAD_ID, device=device),
         )
+
+    def select(self, keep: Tensor) -> _Finished:
+        return _Finished(*(values[keep] for values in self))
+
+    def store(self, rows: Tensor, where: Tensor, current: _Finished) -> None:
+        """Copy `current` into `rows` of these results where `where` (N,) holds: in place, no host read."""
+        for kept, fresh in zip(self, current, strict=True):
+            chosen = where.view(-1, *([1] * (fresh.dim() - 1)))
+            kept[rows] = torch.where(chosen, fresh, kept[rows])
 
     def merge(self, new: _Finished, size: int) -> _Finished:
         """The `size` best of both; on equal scores the earlier-finished hypothesis comes first."""
@@ -259,11 +303,13 @@ def _penalty_table(longest: int, config: DecodeConfig, device: torch.device) -> 
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeConfig) -> Tensor:
+def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeConfig,
+          sync_free: bool = False) -> Tensor:
     """Forbid, in place, what may not be output position `step + 1`; rows at their limit may only end.
 
     log_probs (R, V) is the step's fresh output; max_len (R,) the limit of each row, or None when the
     caller knows that no row is at its limit yet (which saves comparing limits, a host sync, every step).
+    `sync_free` masks rows at their limit over the whole array instead of finding them (a host read).
     """
     banned = [PAD_ID, BOS_ID, UNK_ID] if config.ban_unk else [PAD_ID, BOS_ID]
     log_probs[:, banned] = NEG_INF
@@ -274,6 +320,11 @@ def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeCo
     at_limit = max_len == step + 1  # (R,)
     if step + 1 < config.min_len:
         log_probs[:, EOS_ID].masked_fill_(~at_limit, NEG_INF)
+    if sync_free:
+        eos = log_probs[:, EOS_ID].clone()
+        log_probs.masked_fill_(at_limit.unsqueeze(1), NEG_INF)
+        log_probs[:, EOS_ID] = eos
+        return log_probs
     rows = at_limit.nonzero().squeeze(1)  # usually none: touch only those rows
     if rows.numel():
         eos = log_probs[rows, EOS_ID]
@@ -295,14 +346,8 @@ def _truncate(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _decode_rows(
-    model: Decoder,
-    state: Any,
-    max_len: Tensor,
-    config: DecodeConfig,
-    rows: int,
-    choose: Callable[[Tensor], Tensor],
-) -> list[list[Hypothesis]]:
+def _decode_rows(model: Decoder, state: Any, max_len: Tensor, config: DecodeConfig, rows: int,
+                 choose: Callable[[Tensor], Tensor], sync_every: int) -> list[list[Hypothesis]]:
     """Extend `rows` independent hypotheses per sentence by one chosen token per step until EOS."""
     batch, device = max_len.numel(), max_len.device
     if rows > 1:
@@ -313,26 +358,28 @@ def _decode_rows(
     tokens = torch.full((total, limit), PAD_ID, device=device)  # (R, T)
     raw = torch.zeros(total, device=device)  # (R,)
     last = torch.full((total,), BOS_ID, device=device)  # (R,)
+    stopped = torch.zeros(total, dtype=torch.bool, device=device)  # (R,) ended: output stored, until the next read
     out_tokens, out_raw = tokens.clone(), raw.clone()
     out_len = torch.zeros(total, dtype=torch.long, device=device)
     shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         log_probs, state = model.step(last, state)  # (R, V)
-        log_probs = _mask(log_probs, step, max_len if step + 1 >= shortest else None, config)
+        log_probs = _mask(log_probs, step, max_len if step + 1 >= shortest else None, config, sync_every > 1)
         last = choose(log_probs)  # (R,)
         raw = raw + log_probs.gather(1, last.unsqueeze(1)).squeeze(1)
         tokens[:, step] = last
-        ended = last == EOS_ID  # (R,) forced at each row's limit
-        if ended.any():
-            out_tokens[origin[ended]] = tokens[ended]
-            out_raw[origin[ended]] = raw[ended]
-            out_len[origin[ended]] = step + 1
-            keep = (~ended).nonzero().squeeze(1)
+        ended = (last == EOS_ID) & ~stopped  # (R,) forced at each row's limit
+        out_tokens[origin] = torch.where(ended.unsqueeze(1), tokens, out_tokens[origin])
+        out_raw[origin] = torch.where(ended, raw, out_raw[origin])
+        out_len[origin] = torch.where(ended, step + 1, out_len[origin])
+        stopped |= ended
+        if (step + 1) % sync_every == 0 and stopped.any():  # the host read: ended rows leave
+            keep = (~stopped).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
             state = model.reorder_state(state, keep)
             tokens, raw, max_len, origin, last = tokens[keep], raw[keep], max_len[keep], origin[keep], last[keep]
-            shortest = int(max_len.min())
+            stopped, shortest = stopped[keep], int(max_len.min())
     return _hypotheses(
         out_tokens.view(batch, rows, limit), out_raw.view(batch, rows), out_len.view(batch, rows), config
     )
