@@ -86,6 +86,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch, 0 = all cores: `nmt train` applies it (the API: nmt.device.tune_cpu)
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16" (fp16 on CUDA only, with loss scaling)
     deterministic: bool = False  # deterministic kernels (CUDA: for bitwise resume, at some speed); the CPU always is
+    # torch.compile the model's forward and backward, with dynamic shapes and batch widths rounded up to a multiple
+    # of 8, so that it compiles a few times, not once per batch; off: on CPU it measured slower (README)
+    compile: bool = False
     max_tokens: int = 4096  # padded tokens per batch and per process (see TokenBatchSampler)
     accum_steps: int = 1  # batches accumulated into one update
     max_updates: int = 0  # stop after this many updates; 0 = no limit

@@ -75,11 +75,11 @@ class _Side:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.ids[self.offsets[index] : self.offsets[index + 1]]
 
-    def padded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """`rows`' ids as one (B, longest + 1) int64 array padded with PAD_ID, and their lengths: one
-        gather from the flat ids, no Python loop over examples."""
+    def padded(self, rows: np.ndarray, multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`rows`' ids as one (B, longest + 1 rounded up to `multiple`) int64 array padded with PAD_ID,
+        and their lengths: one gather from the flat ids, no Python loop over examples."""
         lengths = self.lengths[rows].astype(np.int64)  # (B,)
-        columns = np.arange(int(lengths.max()) + 1)
+        columns = np.arange(-(-(int(lengths.max()) + 1) // multiple) * multiple)
         inside = columns[None, :] < lengths[:, None]  # (B, L + 1)
         out = np.full(inside.shape, PAD_ID, dtype=np.int64)
         out[inside] = self.ids[(self.offsets[rows][:, None] + columns[None, :])[inside]]
@@ -115,16 +115,17 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self._src.lengths)
 
-    def batch(self, indices: Sequence[int], pin_memory: bool = False) -> Batch:
+    def batch(self, indices: Sequence[int], pin_memory: bool = False, multiple: int = 1) -> Batch:
         """The examples at `indices` as one `Batch`, equal to `collate([split[i] for i in indices])` but
-        vectorised: what the trainer's background thread runs for every batch."""
+        vectorised: what the trainer's background thread runs for every batch. `multiple` rounds the
+        widths up (more padding, fewer distinct shapes: what a compiled model wants)."""
         rows = np.asarray(indices, dtype=np.int64)
         if not len(rows):
             raise ValueError("cannot collate an empty batch")
         if rows.min() < -len(self) or rows.max() >= len(self):
             raise IndexError(f"an example of {rows.tolist()} is out of range for a split of {len(self)}")
         rows %= len(self)
-        return terminated(*self._src.padded(rows), *self._tgt.padded(rows), pin_memory=pin_memory)
+        return terminated(*self._src.padded(rows, multiple), *self._tgt.padded(rows, multiple), pin_memory=pin_memory)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not -len(self) <= index < len(self):

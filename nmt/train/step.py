@@ -29,6 +29,7 @@ from nmt.optim import LearningRate, build_optimizer
 from nmt.train.run_directory import RunDirectory
 
 Group = Sequence[Sequence[int]]  # an update's batches, each a list of example indices
+COMPILED_WIDTH_MULTIPLE = 8  # train.compile: batch widths rounded up to this (fewer shapes; GPU tensor cores)
 
 
 class UpdateStep:
@@ -48,9 +49,10 @@ class UpdateStep:
 
     @property
     def ddp_model(self) -> nn.Module:
-        """Wrapped at the first update, after a resumed run loaded its parameters."""
+        """Wrapped at the first update, after a resumed run loaded its parameters (and compiled, if asked)."""
         if self._ddp_model is None:
-            self._ddp_model = self.dist.wrap(self.model)
+            wrapped = self.dist.wrap(self.model)
+            self._ddp_model = torch.compile(wrapped, dynamic=True) if self.cfg.compile else wrapped
         return self._ddp_model
 
     def __call__(self, group: Group, update: int, next_group: Group | None = None) -> tuple[float, float, int]:
@@ -90,7 +92,8 @@ class UpdateStep:
 
     def _collate(self, group: Group) -> list[Batch]:
         pin = self.device.type == "cuda"  # page-locked batches copy to the GPU while it computes
-        return [self.split.batch(batch, pin_memory=pin) for batch in group]
+        multiple = COMPILED_WIDTH_MULTIPLE if self.cfg.compile else 1
+        return [self.split.batch(batch, pin_memory=pin, multiple=multiple) for batch in group]
 
     def _collated(self, group: Group) -> list[Batch]:
         """`group`'s batches: those the background thread prepared, or collated now."""

@@ -11,6 +11,8 @@ ways: the model's own FLOP count (3 × forward, `flops_per_token`) and 6 × para
 × tokens (the count fairseq comparisons use). bf16 runs only where the CPU has
 native bf16 instructions (or with --force-bf16). Peak memory covers the warm-up
 and timed updates (`common.peak_memory`), with the model, optimiser and data resident.
+`--compile both` adds a `train.compile` row beside each eager one (its compilation
+falls in the warm-up updates).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ MODELS = {
 }
 
 
-def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int) -> dict:
+def measure(data: Path, model: str, precision: str, updates: int, warmup: int, max_tokens: int,
+            compiled: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         config = Config()
         merge(config, parse_overrides([*MODELS[model], f'train.data="{data}"', f'train.run_dir="{run_dir}"',
-                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}"]))
+                                       f'train.precision="{precision}"', f"train.max_tokens={max_tokens}",
+                                       f"train.compile={str(compiled).lower()}"]))
         trainer = Trainer(config)
         batches = trainer.sampler.batches(1)
         split = trainer.train_split
@@ -68,7 +72,7 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
         ceiling = max(before, after)
         noisy = after < 0.85 * before or before < 0.85 * after
         return {
-            "model": model,
+            "model": model + (" (compiled)" if compiled else ""),
             "precision": precision if precision != "auto" else f"auto: {trainer.precision.name}",
             "parameters": params,
             "tokens_per_s": rate,
@@ -87,15 +91,17 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
 
 
 def measure_all(data: Path, models: list[str], precisions: list[str], updates: int, warmup: int, max_tokens: int,
-                force_bf16: bool = False) -> list[dict]:
-    """One row per model and precision; emulated bf16 is slower than fp32, so it is skipped unless forced."""
+                force_bf16: bool = False, compile_modes: tuple[bool, ...] = (False,)) -> list[dict]:
+    """One row per model, precision and compile mode; emulated bf16 is slower than fp32, so it is skipped
+    unless forced."""
     rows = []
     for model in models:
         for precision in precisions:
             if precision == "bf16" and not (cpu_has_native_bf16() or force_bf16):
                 rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
                 continue
-            rows.append(measure(data, model, precision, updates, warmup, max_tokens))
+            for compiled in compile_modes:
+                rows.append(measure(data, model, precision, updates, warmup, max_tokens, compiled))
     return rows
 
 
@@ -109,11 +115,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even without native bf16 instructions")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off", help="train.compile rows")
     parser.add_argument("--out", type=Path, default=Path("work/bench/train_speed.json"))
     args = parser.parse_args()
     tune_cpu(args.threads)  # what nmt train does; the library leaves threads alone
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     rows = measure_all(args.data, args.models.split(","), args.precisions.split(","), args.updates, args.warmup,
-                       args.max_tokens, args.force_bf16)
+                       args.max_tokens, args.force_bf16, modes)
     print_table("Training throughput", rows, ["model", "precision", "parameters", "tokens_per_s", "seconds_per_update",
                                               "model_gflops", "mfu_model_count", "gflops_6pt", "mfu_6pt",
                                               "ceiling_before", "ceiling_after", "peak_mib", "note"])
