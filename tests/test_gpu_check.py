@@ -18,7 +18,8 @@ def test_gpu_check_dry_run_exercises_every_section(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert set(report) == {"environment", "parity", "throughput", "resume", "cli"}
     assert [row["precision"] for row in report["parity"]] == ["fp32", "bf16"] and all(r["ok"] for r in report["parity"])
-    assert len(report["throughput"]) == 4 and all(row["tokens/s"] > 0 for row in report["throughput"])
+    assert len(report["throughput"]) == 5 and all(row["tokens/s"] > 0 for row in report["throughput"])
+    assert report["throughput"][-1]["model"] == "transformer compiled"
     assert all(row["bitwise equal"] for row in report["resume"])  # the CPU is deterministic either way
     assert [(row["search"], row["precision"]) for row in report["cli"]] == [
         ("greedy", "bf16"), ("greedy", "fp32"), ("beam 5", "bf16"), ("beam 5", "fp32")]

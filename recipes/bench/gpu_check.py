@@ -7,7 +7,8 @@
 Sections: the environment (torch, CUDA, GPU, bf16); CPU vs device parity of loss and gradients on the
 same weights (fp32, bf16, and fp16 with its scaler on CUDA); training throughput of the reference
 Transformer and the LSTM at 4k, 16k and 64k-token batches in bf16 and fp32, with model-FLOPs
-utilisation, peak memory, and host syncs and kernel launches per update from the profiler; resume
+utilisation, peak memory, and host syncs and kernel launches per update from the profiler, and the
+Transformer at 64k in bf16 under `train.compile`; resume
 exactness with and without `train.deterministic`; `nmt train --device` and `--resume` through the CLI;
 `nmt translate` greedy and beam 5 in bf16 and fp32 with BLEU and agreement with the CPU. `--dry` runs
 on the CPU with a tiny model and generated data (the test suite runs it so).
@@ -101,14 +102,16 @@ def throughput(data: Path, device: torch.device, dry: bool, work: Path) -> list[
         for tokens in sizes:
             for precision in ("bf16", "fp32"):
                 rows.append(_throughput_row(data, device, dry, work, model, tokens, precision))
+    rows.append(_throughput_row(data, device, dry, work, "transformer", sizes[-1], "bf16", compiled=True))
     return rows
 
 
 def _throughput_row(data: Path, device: torch.device, dry: bool, work: Path, model: str, tokens: int,
-                    precision: str) -> dict[str, Any]:
-    trainer = Trainer(config_for(data, work / f"tp_{model}_{tokens}_{precision}", model, dry,
+                    precision: str, compiled: bool = False) -> dict[str, Any]:
+    """Tokens/s of the real update after 2 warm-up updates (where train.compile compiles)."""
+    trainer = Trainer(config_for(data, work / f"tp_{model}_{tokens}_{precision}_{compiled}", model, dry,
                                  f"train.device={device}", f"train.precision={precision}",
-                                 f"train.max_tokens={tokens}"))
+                                 f"train.max_tokens={tokens}", f"train.compile={str(compiled).lower()}"))
     batches = trainer.sampler.batches(1)
     timed = 2 if dry else 6
     for group in batches[:2]:
@@ -120,9 +123,10 @@ def _throughput_row(data: Path, device: torch.device, dry: bool, work: Path, mod
         count += trainer.update([group])[2]
     _synchronize(device)
     rate = count / (time.perf_counter() - start)
-    syncs, launches = _profile_update(trainer, batches[2 + timed % len(batches)])
+    syncs, launches = _profile_update(trainer, batches[(2 + timed) % len(batches)])
     flops = 6 * trainer.model.num_parameters() * rate
-    return {"model": model, "batch tokens": tokens, "precision": precision, "tokens/s": round(rate),
+    return {"model": model + (" compiled" if compiled else ""), "batch tokens": tokens, "precision": precision,
+            "tokens/s": round(rate),
             "MFU": _mfu(flops, device, precision), "host syncs/update": syncs, "kernel launches/update": launches,
             "peak MiB": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else ""}
 
