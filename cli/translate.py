@@ -58,7 +58,7 @@ def build_translator(model: Path, threads: int, **options: Any) -> Translator:
     """Tune the process (the CLI's opt-in), load the checkpoint, and say what precision=auto measured."""
     tune_cpu(threads)
     translator = Translator.from_checkpoint(model, **options)
-    if translator.precision.gflops:  # "auto" measured this machine: say what it found
+    if translator.precision.speedups:  # "auto" measured this machine: say what it found
         err_console.print(f"precision: {translator.precision.describe()}", highlight=False, markup=False,
                           soft_wrap=True)
     return translator

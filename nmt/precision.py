@@ -1,11 +1,13 @@
 """Which floating-point precision a run uses: `auto` decides by measuring, never by a CPU flag.
 
 A CPU flag does not say what is fast: on one AVX-512 BF16 machine bf16 matrix
-products run at twice the fp32 speed, on another at half. So on a CPU with
-native bf16, `auto` times fp32 and bf16 matrix products of the model's own
-shapes (a few hundred milliseconds) and keeps bf16 only if it is clearly faster.
-The figures are cached per CPU, torch version and thread count in the user's
-cache directory, so later runs on the same machine start at once.
+products run at twice the fp32 speed, on another at half; and on a machine where
+they run at five times, a bf16 training update was no faster (CPU flash attention's
+bf16 backward ate the gain) and a one-sentence translation took twice as long. So on
+a CPU with native bf16, `auto` times the run's own work in both precisions (a
+training update; a translated batch and one sentence) and keeps bf16 only where it
+is clearly faster at every one. The timings are cached per CPU, torch version,
+thread count and workload in the user's cache directory, so later runs start at once.
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from nmt.errors import NmtError
 from nmt.io import atomic_path
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much to pay for autocast's casts
+BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much, at every workload, to be chosen
 MEASURE_SECONDS = 0.3
 
-Shape = tuple[int, int, int]  # (rows, inner, columns) of one matrix product
-Measure = Callable[[Sequence[Shape]], dict[str, float]]  # shapes -> GFLOP/s of "fp32" and "bf16"
+Workload = Callable[[torch.dtype | None], object]  # the run's own work, once, under autocast to a dtype (None: fp32)
+Timings = dict[str, dict[str, float]]  # workload -> best seconds of "fp32" and of "bf16"
+Measure = Callable[[str, Mapping[str, Workload]], Timings]  # (cache key, workloads) -> timings
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Precision:
 
     name: str  # "fp32", "bf16" or "fp16"
     reason: str
-    gflops: dict[str, float] = field(default_factory=dict)  # matrix-product speed per candidate, when measured
+    speedups: dict[str, float] = field(default_factory=dict)  # workload -> bf16 speed over fp32, when measured
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -48,13 +50,13 @@ class Precision:
         return DTYPES[self.name]
 
     def describe(self) -> str:
-        """What start-up messages print, e.g. "fp32 (bf16 measured 0.52x fp32 on this CPU)"."""
+        """What start-up messages print, e.g. "fp32 (bf16 measured 1.02x fp32 on a training update on this CPU)"."""
         return f"{self.name} ({self.reason})"
 
     def as_record(self) -> dict[str, object]:
         """For metrics.jsonl."""
         return {"precision": self.name, "precision_reason": self.reason,
-                **{f"{name}_gflops": round(value, 1) for name, value in self.gflops.items()}}
+                **{f"bf16_speedup_{name.replace(' ', '_')}": round(value, 3) for name, value in self.speedups.items()}}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -72,11 +74,12 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise NmtError("fp16 needs a GPU; use bf16 on the CPU")
 
 
-def choose_precision(precision: str, device: torch.device, shapes: Sequence[Shape] = (), *,
-                     native_bf16: bool | None = None, measure: Measure | None = None) -> Precision:
-    """Resolve a precision name; for "auto" on a CPU with native bf16, time both on `shapes`.
+def choose_precision(precision: str, device: torch.device, workloads: Mapping[str, Workload] | None = None,
+                     key: str = "", *, native_bf16: bool | None = None, measure: Measure | None = None) -> Precision:
+    """Resolve a precision name; for "auto" on a CPU with native bf16, time `workloads` in both precisions.
 
-    `native_bf16` and `measure` default to this machine's; tests inject them.
+    `key` names the workloads for the cache (the model's shape and the batch); `native_bf16` and
+    `measure` default to this machine's; tests inject them.
     """
     check_precision(precision, device)
     if precision != "auto":
@@ -89,39 +92,32 @@ def choose_precision(precision: str, device: torch.device, shapes: Sequence[Shap
         return Precision("fp32", f"auto keeps fp32 on {device.type}")
     if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
         return Precision("fp32", "no native bf16 on this CPU")
-    gflops = (measure or cached_measurement)(shapes)
-    ratio = gflops["bf16"] / gflops["fp32"]
-    name = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
-    return Precision(name, f"bf16 measured {ratio:.2f}x fp32 on this CPU", gflops)
+    timings = (measure or cached_timings)(key, workloads or {})
+    speedups = {name: seconds["fp32"] / seconds["bf16"] for name, seconds in timings.items()}
+    name = "bf16" if speedups and min(speedups.values()) >= BF16_MIN_SPEEDUP else "fp32"
+    found = ", ".join(f"{ratio:.2f}x fp32 on {workload}" for workload, ratio in speedups.items())
+    return Precision(name, f"bf16 measured {found} on this CPU", speedups)
 
 
-def matrix_shapes(model: nn.Module, rows: int) -> list[Shape]:
-    """The distinct matrix products of `model` at `rows` rows: every weight matrix except embedding tables."""
-    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    shapes = {(rows, p.shape[1], p.shape[0]) for p in model.parameters() if p.dim() == 2 and id(p) not in tables}
-    return sorted(shapes)
+def time_workloads(workloads: Mapping[str, Workload], seconds: float = MEASURE_SECONDS) -> Timings:
+    """Best seconds of each workload in fp32 and in bf16, the two alternating so that drift hits both alike.
 
-
-def measure_matmul_gflops(shapes: Sequence[Shape], seconds: float = MEASURE_SECONDS) -> dict[str, float]:
-    """GFLOP/s of fp32 and bf16 on `shapes`, alternating the two so that drift hits both alike; best round each."""
-    shapes = list(shapes) or [(1024, 1024, 1024)]
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    generator = torch.Generator().manual_seed(0)
-    operands = {name: [(torch.randn(m, k, generator=generator).to(dtype),
-                        torch.randn(k, n, generator=generator).to(dtype))
-                       for m, k, n in shapes] for name, dtype in dtypes.items()}
-    best = dict.fromkeys(dtypes, float("inf"))
+    The first round warms up and is not counted; the random state is put back after each call.
+    """
+    dtypes = {"fp32": None, "bf16": torch.bfloat16}
+    best = {name: dict.fromkeys(dtypes, float("inf")) for name in workloads}
     deadline, rounds = time.perf_counter() + seconds, 0
-    while rounds < 3 or (time.perf_counter() < deadline and rounds < 100):
-        for name, pairs in operands.items():
-            begin = time.perf_counter()
-            for a, b in pairs:
-                torch.mm(a, b)
-            if rounds:  # the first round warms up the kernels
-                best[name] = min(best[name], time.perf_counter() - begin)
+    while rounds < 3 or (time.perf_counter() < deadline and rounds < 50):
+        for name, workload in workloads.items():
+            for dtype_name, dtype in dtypes.items():
+                with torch.random.fork_rng(devices=[]):
+                    begin = time.perf_counter()
+                    workload(dtype)
+                    elapsed = time.perf_counter() - begin
+                if rounds:
+                    best[name][dtype_name] = min(best[name][dtype_name], elapsed)
         rounds += 1
-    flops = sum(2.0 * m * k * n for m, k, n in shapes)
-    return {name: flops / seconds_taken / 1e9 for name, seconds_taken in best.items()}
+    return best
 
 
 def cache_dir() -> Path:
@@ -131,30 +127,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nmt"
 
 
-def machine_key(shapes: Iterable[Shape]) -> str:
-    """What a measurement depends on: the CPU, torch, the thread count and the shapes."""
-    parts = [*cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}",
-             repr(sorted(shapes))]
+def machine_key(key: str) -> str:
+    """What a measurement depends on: the CPU, torch, the thread count and the workloads."""
+    parts = [*cpu_identity(), platform.machine(), torch.__version__, f"threads={torch.get_num_threads()}", key]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def cached_measurement(shapes: Sequence[Shape]) -> dict[str, float]:
-    """`measure_matmul_gflops`, remembered per `machine_key` in cache_dir()/precision.json."""
-    path, key = cache_dir() / "precision.json", machine_key(shapes)
+def cached_timings(key: str, workloads: Mapping[str, Workload]) -> Timings:
+    """`time_workloads`, remembered per `machine_key` in cache_dir()/precision.json."""
+    path, entry = cache_dir() / "precision.json", machine_key(key)
     try:
         cache = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         cache = {}
-    if isinstance(cache, dict) and isinstance(cache.get(key), dict) and {"fp32", "bf16"} <= cache[key].keys():
-        return cache[key]
-    result = measure_matmul_gflops(shapes)
+    cache = cache if isinstance(cache, dict) else {}
+    if _complete(cache.get(entry), workloads):
+        return cache[entry]
+    result = time_workloads(workloads)
     try:  # a read-only home only costs the measurement next time
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({**(cache if isinstance(cache, dict) else {}), key: result}), encoding="utf-8")
+            tmp.write_text(json.dumps({**cache, entry: result}), encoding="utf-8")
     except (OSError, NmtError):
         pass
     return result
+
+
+def _complete(stored: object, workloads: Mapping[str, Workload]) -> bool:
+    """A cache entry with positive fp32 and bf16 seconds for exactly these workloads."""
+    if not (isinstance(stored, dict) and set(stored) == set(workloads)):
+        return False
+    return all(isinstance(seconds, dict) and all(isinstance(seconds.get(d), (int, float)) and seconds[d] > 0
+                                                 for d in ("fp32", "bf16")) for seconds in stored.values())
 
 
 def cpu_identity() -> tuple[str, str]:

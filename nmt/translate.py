@@ -26,11 +26,10 @@ from nmt.device import autocast, resolve_device
 from nmt.errors import NmtError
 from nmt.io import chunks
 from nmt.models import Seq2Seq, build_model
-from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
+from nmt.precision import Precision, Workload, check_precision, choose_precision
 from nmt.search import Hypothesis, check_options, search
 
 QUANTIZATIONS = ("none", "int8")
-DECODE_ROWS = 256  # rows of the matrix products timed for precision="auto": a decoding step's batch x beam
 BATCH_TOKENS = 6000  # source tokens x beam per batch
 BUFFER_LINES = 2000  # lines read, sorted and batched at a time
 
@@ -99,7 +98,8 @@ class Translator:
         self.device = resolve_device(device)
         check_precision(precision, self.device)
         self.batch_tokens, self.buffer_lines = batch_tokens, buffer_lines
-        model = build_model(checkpoint.config.model)
+        config = checkpoint.config.model
+        model = build_model(config)
         model.load_state_dict(checkpoint.model_state)
         model.eval()
         if quantize == "int8":
@@ -111,7 +111,9 @@ class Translator:
         self.model = model.to(self.device)
         self.precision: Precision = (Precision("fp32", "int8 layers, the rest in fp32")
                                      if quantize == "int8" and precision == "auto"
-                                     else choose_precision(precision, self.device, matrix_shapes(model, DECODE_ROWS)))
+                                     else choose_precision(precision, self.device,
+                                                           decode_workloads(model, config.src_vocab_size, self.decode),
+                                                           f"translate|{config}|{self.decode.beam}"))
         self.amp_dtype = self.precision.dtype
         self.src_tokenizer = checkpoint.src_tokenizer
         self.tgt_tokenizer = checkpoint.tgt_tokenizer
@@ -178,3 +180,23 @@ class Translator:
 def one_line(text: str) -> str:
     """Byte-fallback pieces can spell line breaks; one input line must stay one output line."""
     return " ".join(text.split())
+
+
+def decode_workloads(model: nn.Module, src_vocab_size: int, decode: DecodeConfig) -> dict[str, Workload]:
+    """What precision="auto" times for translation: a batch of 8 synthetic sentences and one sentence,
+    each searched with the run's options for exactly 12 steps (throughput and latency both count)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    fixed = replace(decode, max_len_a=0.0, max_len_b=12, min_len=12, nbest=1)
+
+    def translating(sentences: int) -> Workload:
+        src = torch.randint(4, src_vocab_size, (sentences, 12), generator=generator)
+        src, mask = src.to(device), torch.ones(src.shape, dtype=torch.bool, device=device)
+
+        def run(dtype: torch.dtype | None) -> None:
+            with torch.inference_mode(), autocast(device, dtype):
+                search(model, src, mask, fixed)
+
+        return run
+
+    return {"a batch": translating(8), "one sentence": translating(1)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,19 @@ MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k-e
 EN_WORDS = "a man woman dog cat runs walks on the street with red blue ball in park young girl boy plays".split()
 DE_WORDS = ("ein mann frau hund katze läuft geht auf der straße mit rotem blauem ball im park "
             "junges mädchen junge spielt").split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A fresh torch.compile cache for the session (subprocesses inherit it): torch reuses kernels generated
+    under another ATEN_CPU_CAPABILITY, which then fail to build ('at::vec' has not been declared)."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if previous is None:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def make_parallel(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -11,40 +11,54 @@ import torch
 import nmt.precision
 from nmt.errors import NmtError
 from nmt.models import build_model
-from nmt.precision import Precision, cached_measurement, choose_precision, matrix_shapes, measure_matmul_gflops
+from nmt.precision import Precision, cached_timings, choose_precision, time_workloads
 from tests.copy_model import copy_config
 
 CPU = torch.device("cpu")
 
 
-def timings(fp32: float, bf16: float):
-    calls: list[list[tuple[int, int, int]]] = []
+def timings(fp32: float, bf16: float, names: tuple[str, ...] = ("work",)):
+    """A measurement that answers `fp32` and `bf16` seconds for each workload, recording what it was asked."""
+    calls: list[tuple[str, list[str]]] = []
 
-    def measure(shapes):
-        calls.append(list(shapes))
-        return {"fp32": fp32, "bf16": bf16}
+    def measure(key, workloads):
+        calls.append((key, list(workloads)))
+        return {name: {"fp32": fp32, "bf16": bf16} for name in workloads}
 
     return measure, calls
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "chosen", "reason"), [
-    (300.0, 150.0, "fp32", "bf16 measured 0.50x fp32 on this CPU"),  # the Xeon where bf16 ran at half speed
-    (150.0, 300.0, "bf16", "bf16 measured 2.00x fp32 on this CPU"),  # the Zen 4 where it ran at twice
-    (200.0, 220.0, "fp32", "bf16 measured 1.10x fp32 on this CPU"),  # too close to pay for autocast's casts
+@pytest.mark.parametrize(("fp32", "bf16", "chosen", "speedup"), [
+    (2.0, 4.0, "fp32", "0.50x"),  # the Xeon where bf16 ran at half speed
+    (4.0, 2.0, "bf16", "2.00x"),  # the Zen 4 where it ran at twice
+    (2.2, 2.0, "fp32", "1.10x"),  # too close to pay for autocast's casts
 ])
-def test_auto_on_a_native_bf16_cpu_picks_the_faster(fp32: float, bf16: float, chosen: str, reason: str) -> None:
+def test_auto_on_a_native_bf16_cpu_picks_the_faster(fp32: float, bf16: float, chosen: str, speedup: str) -> None:
     measure, calls = timings(fp32, bf16)
-    choice = choose_precision("auto", CPU, [(8, 4, 2)], native_bf16=True, measure=measure)
-    assert choice == Precision(chosen, reason, {"fp32": fp32, "bf16": bf16})
+    choice = choose_precision("auto", CPU, {"an update": lambda dtype: None}, "key", native_bf16=True,
+                              measure=measure)
+    reason = f"bf16 measured {speedup} fp32 on an update on this CPU"
+    assert choice == Precision(chosen, reason, {"an update": fp32 / bf16})
     assert choice.dtype == (torch.bfloat16 if chosen == "bf16" else None)
-    assert calls == [[(8, 4, 2)]]  # the model's own shapes were timed
+    assert calls == [("key", ["an update"])]  # the run's own work was timed, under its cache key
     assert choice.describe() == f"{chosen} ({reason})"
-    assert choice.as_record() == {"precision": chosen, "precision_reason": reason, "fp32_gflops": fp32,
-                                  "bf16_gflops": bf16}
+    assert choice.as_record() == {"precision": chosen, "precision_reason": reason,
+                                  "bf16_speedup_an_update": round(fp32 / bf16, 3)}
+
+
+def test_bf16_must_win_at_every_workload() -> None:
+    """On the AMX Xeon bf16 decoded a batch 1.05x faster but one sentence at 0.5x: fp32 serves both better."""
+    def measure(key, workloads):
+        return {"a batch": {"fp32": 1.0, "bf16": 0.5}, "one sentence": {"fp32": 1.0, "bf16": 2.0}}
+
+    work = {"a batch": lambda dtype: None, "one sentence": lambda dtype: None}
+    choice = choose_precision("auto", CPU, work, native_bf16=True, measure=measure)
+    assert choice.name == "fp32"
+    assert choice.reason == "bf16 measured 2.00x fp32 on a batch, 0.50x fp32 on one sentence on this CPU"
 
 
 def test_auto_without_native_bf16_and_explicit_choices_measure_nothing() -> None:
-    measure, calls = timings(1.0, 100.0)
+    measure, calls = timings(100.0, 1.0)
     assert (choose_precision("auto", CPU, native_bf16=False, measure=measure)
             == Precision("fp32", "no native bf16 on this CPU"))
     assert (choose_precision("bf16", CPU, native_bf16=False, measure=measure)
@@ -57,31 +71,57 @@ def test_auto_without_native_bf16_and_explicit_choices_measure_nothing() -> None
         choose_precision("fp8", CPU)
 
 
-def test_matrix_shapes_are_the_models_weight_matrices_without_embeddings() -> None:
-    config = copy_config(vocab_size=10, max_positions=4)
-    shapes = matrix_shapes(build_model(config), rows=7)
-    width = config.d_model
-    assert shapes == sorted({(7, width, width), (7, width, 3 * width), (7, width, 2 * width), (7, width, 4),
-                             (7, 4, width), (7, width, 10)})
-
-
-def test_measurement_is_cached_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timings_are_cached_per_machine_and_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NMT_CACHE_DIR", str(tmp_path))
     measured: list[object] = []
-    monkeypatch.setattr(nmt.precision, "measure_matmul_gflops",
-                        lambda shapes: measured.append(shapes) or {"fp32": 2.0, "bf16": 1.0})
-    assert cached_measurement([(4, 4, 4)]) == {"fp32": 2.0, "bf16": 1.0}
-    assert cached_measurement([(4, 4, 4)]) == {"fp32": 2.0, "bf16": 1.0}
+    answer = {"w": {"fp32": 2.0, "bf16": 1.0}}
+    monkeypatch.setattr(nmt.precision, "time_workloads", lambda workloads: measured.append(workloads) or answer)
+    work = {"w": lambda dtype: None}
+    assert cached_timings("a", work) == answer
+    assert cached_timings("a", work) == answer
     assert len(measured) == 1  # the second run read the cache
-    cached_measurement([(8, 8, 8)])  # other shapes: measured again
+    cached_timings("b", work)  # another model or batch: measured again
     assert len(measured) == 2 and len(json.loads((tmp_path / "precision.json").read_text())) == 2
+    cached_timings("a", {"w": work["w"], "v": work["w"]})  # other workloads under the key: measured again
+    assert len(measured) == 3
     (tmp_path / "precision.json").write_text("{oops")  # a damaged cache is measured again, not an error
-    assert cached_measurement([(4, 4, 4)]) == {"fp32": 2.0, "bf16": 1.0} and len(measured) == 3
+    assert cached_timings("a", work) == answer and len(measured) == 4
 
 
-def test_real_measurement_gives_both_speeds() -> None:
-    gflops = measure_matmul_gflops([(32, 16, 8)], seconds=0.01)
-    assert set(gflops) == {"fp32", "bf16"} and all(value > 0 for value in gflops.values())
+def test_real_timing_runs_each_workload_in_both_precisions_and_keeps_the_random_state() -> None:
+    seen: list[torch.dtype | None] = []
+
+    def work(dtype: torch.dtype | None) -> None:
+        seen.append(dtype)
+        torch.rand(3)  # draws from the global generator, which the timing puts back
+
+    state = torch.get_rng_state()
+    seconds = time_workloads({"w": work}, seconds=0.01)
+    assert set(seconds) == {"w"} and set(seconds["w"]) == {"fp32", "bf16"}
+    assert all(value > 0 for value in seconds["w"].values())
+    assert seen[:2] == [None, torch.bfloat16] and len(seen) >= 6  # alternating, one warm-up round and two timed
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "gru"])
+def test_the_workloads_change_no_parameter_gradient_or_random_state(arch: str) -> None:
+    """What auto runs to time a training update and a translation leaves the run exactly as it was."""
+    from nmt.config import DecodeConfig, ModelConfig
+    from nmt.train.step import update_workload
+    from nmt.translate import decode_workloads
+
+    config = (copy_config(vocab_size=20, max_positions=32) if arch == "transformer" else
+              ModelConfig(arch="rnn", cell="gru", embed_dim=16, hidden_size=16, enc_layers=1, dec_layers=1,
+                          src_vocab_size=20, tgt_vocab_size=20, joint_vocab=True))
+    torch.manual_seed(0)
+    model = build_model(config)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    state = torch.get_rng_state()
+    time_workloads({"update": update_workload(model, (20, 20), (7, 9), 64, 0.1)}, seconds=0.01)
+    assert all(p.grad is None for p in model.parameters())
+    time_workloads(decode_workloads(model.eval(), 20, DecodeConfig(beam=3)), seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
 def test_training_reports_and_logs_its_precision(toy_data: Path, tmp_path: Path,
@@ -90,23 +130,23 @@ def test_training_reports_and_logs_its_precision(toy_data: Path, tmp_path: Path,
     from tests.test_train import make_config
 
     monkeypatch.setattr(nmt.precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(nmt.precision, "cached_measurement", lambda shapes: {"fp32": 300.0, "bf16": 150.0})
+    monkeypatch.setattr(nmt.precision, "cached_timings", timings(2.0, 4.0)[0])
     run = tmp_path / "run"
     trainer = Trainer(make_config(toy_data, run, "train.precision=auto", "train.max_updates=1",
                                   "train.valid_bleu=false", "train.best_metric=loss"))
     assert trainer.precision.name == "fp32" and trainer.amp_dtype is None
-    assert trainer._start_info()["precision"] == "fp32 (bf16 measured 0.50x fp32 on this CPU)"
+    assert trainer._start_info()["precision"] == "fp32 (bf16 measured 0.50x fp32 on a training update on this CPU)"
     trainer.train()
     setup = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert setup == {"kind": "setup", "update": 0, "precision": "fp32",
-                     "precision_reason": "bf16 measured 0.50x fp32 on this CPU",
-                     "fp32_gflops": 300.0, "bf16_gflops": 150.0}
-    monkeypatch.setattr(nmt.precision, "cached_measurement", lambda shapes: {"fp32": 150.0, "bf16": 300.0})
+                     "precision_reason": "bf16 measured 0.50x fp32 on a training update on this CPU",
+                     "bf16_speedup_a_training_update": 0.5}
+    monkeypatch.setattr(nmt.precision, "cached_timings", timings(4.0, 2.0)[0])
     faster = Trainer(make_config(toy_data, tmp_path / "bf16", "train.precision=auto", "train.max_updates=1"))
     assert faster.precision.name == "bf16" and faster.amp_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(300.0, 150.0, "fp32"), (150.0, 300.0, "bf16")])
+@pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(2.0, 4.0, "fp32"), (4.0, 2.0, "bf16")])
 def test_translate_says_what_auto_chose(copy_model: Path, monkeypatch: pytest.MonkeyPatch, fp32: float, bf16: float,
                                         chosen: str) -> None:
     """`nmt translate` defaults to auto; bf16, where chosen, runs on any CPU (emulated ones slowly) and still copies."""
@@ -115,10 +155,11 @@ def test_translate_says_what_auto_chose(copy_model: Path, monkeypatch: pytest.Mo
     from cli.main import app
 
     monkeypatch.setattr(nmt.precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(nmt.precision, "cached_measurement", lambda shapes: {"fp32": fp32, "bf16": bf16})
+    monkeypatch.setattr(nmt.precision, "cached_timings", timings(fp32, bf16)[0])
     result = CliRunner().invoke(app, ["translate", "-m", str(copy_model), "--device", "cpu", "--threads", "1"],
                                 input="a man runs\nein mädchen läuft\n")
     assert result.exit_code == 0, result.output
     assert result.stdout == "a man runs\nein mädchen läuft\n"
-    ratio = bf16 / fp32
-    assert result.stderr == f"precision: {chosen} (bf16 measured {ratio:.2f}x fp32 on this CPU)\n"
+    ratio = f"{fp32 / bf16:.2f}x fp32"
+    measured = f"bf16 measured {ratio} on a batch, {ratio} on one sentence on this CPU"
+    assert result.stderr == f"precision: {chosen} ({measured})\n"

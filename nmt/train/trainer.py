@@ -20,22 +20,22 @@ import torch
 
 from nmt.checkpoint import Checkpoint
 from nmt.config import HIGHER_IS_BETTER, Config, ModelConfig, to_toml, validate
-from nmt.data import PreparedData, TokenBatchSampler
+from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler
 from nmt.device import resolve_device
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.models import build_model
-from nmt.precision import Precision, check_precision, choose_precision, matrix_shapes
+from nmt.precision import Precision, check_precision, choose_precision
 from nmt.train.meter import TrainMeter
 from nmt.train.metrics_log import MetricsLog
 from nmt.train.monitor import Monitor, SilentMonitor
 from nmt.train.run_directory import RunDirectory
 from nmt.train.signals import StopSignals, stop_reason
 from nmt.train.state import Progress, TrainResult, capture_rng, check_reset, limit_reached, load_resumable, restore_rng
-from nmt.train.step import UpdateStep
+from nmt.train.step import UpdateStep, update_workload
 from nmt.train.validator import Validator
 
-TIMED_ROWS = 1024  # rows of the matrix products timed for precision="auto" (at most a batch's tokens)
+TIMED_TOKENS = 2048  # target tokens of the update precision="auto" times (at most a batch's)
 
 
 class Trainer:
@@ -59,7 +59,7 @@ class Trainer:
         self.train_split = self.data.split("train")
         fill_vocabulary(self.config.model, self.data)
         self.model = build_seeded_model(self.config, self.device)
-        self.precision = choose_run_precision(cfg.precision, self.device, self.model, cfg.max_tokens, self.dist)
+        self.precision = choose_run_precision(self.config, self.device, self.model, self.train_split, self.dist)
         self.amp_dtype = self.precision.dtype
         self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
                                self.run_dir)
@@ -213,12 +213,18 @@ def build_seeded_model(config: Config, device: torch.device) -> torch.nn.Module:
     return build_model(config.model).to(device)
 
 
-def choose_run_precision(name: str, device: torch.device, model: torch.nn.Module, max_tokens: int,
+def choose_run_precision(config: Config, device: torch.device, model: torch.nn.Module, split: EncodedSplit,
                          dist: Distributed) -> Precision:
-    """`train.precision`; "auto" measures the model's matrix shapes, keeping bf16 only if every rank found it faster."""
-    choice = choose_precision(name, device, matrix_shapes(model, min(max_tokens, TIMED_ROWS)))
+    """`train.precision`; "auto" times a training update like the data's, keeping bf16 only if every rank
+    found it faster."""
+    name, tokens = config.train.precision, min(config.train.max_tokens, TIMED_TOKENS)
+    vocab_sizes = (config.model.src_vocab_size, config.model.tgt_vocab_size)
+    lengths = (round(float(split.src_lengths.mean())) + 1, round(float(split.tgt_lengths.mean())) + 1)  # EOS
+    workload = {"a training update": update_workload(model, vocab_sizes, lengths, tokens,
+                                                     config.train.label_smoothing)}
+    choice = choose_precision(name, device, workload, f"update|{config.model}|{lengths}|{tokens}")
     if name == "auto" and dist.any_true(choice.name != "bf16") and choice.name == "bf16":
-        return Precision("fp32", f"{choice.reason}, but not on every rank", choice.gflops)
+        return Precision("fp32", f"{choice.reason}, but not on every rank", choice.speedups)
     return choice
 
 
