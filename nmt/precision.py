@@ -85,7 +85,7 @@ def choose_precision(precision: str, device: torch.device, workloads: Mapping[st
     if precision != "auto":
         return Precision(precision, "as asked")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.get_device_capability(device)[0] >= 8:  # Ampere and later; older GPUs only emulate bf16
             return Precision("bf16", "bf16 supported on this GPU")
         return Precision("fp16", "this GPU has no bf16")
     if device.type != "cpu":

@@ -311,8 +311,8 @@ def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeCo
     caller knows that no row is at its limit yet (which saves comparing limits, a host sync, every step).
     `sync_free` masks rows at their limit over the whole array instead of finding them (a host read).
     """
-    banned = [PAD_ID, BOS_ID, UNK_ID] if config.ban_unk else [PAD_ID, BOS_ID]
-    log_probs[:, banned] = NEG_INF
+    for token in (PAD_ID, BOS_ID, UNK_ID) if config.ban_unk else (PAD_ID, BOS_ID):
+        log_probs[:, token] = NEG_INF  # one column at a time: a list index would be copied to the device each step
     if max_len is None:
         if step + 1 < config.min_len:
             log_probs[:, EOS_ID] = NEG_INF

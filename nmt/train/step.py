@@ -105,7 +105,8 @@ class UpdateStep:
                     f"out of memory at update {update} on {self.device} (batch of {batch.size} sentences); "
                     "lower train.max_tokens and raise train.accum_steps"
                 ) from None
-            sums += torch.stack([loss.detach().double(), nll.double(), sums.new_tensor(batch.tgt_tokens)])
+            # new_full fills on the device; new_tensor would copy a host number over (a sync per batch on CUDA)
+            sums += torch.stack([loss.detach().double(), nll.double(), sums.new_full((), float(batch.tgt_tokens))])
         loss_sum, nll_sum, total_tokens = self.dist.sum_tensor(sums).tolist()  # the one host sync
         if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:  # the same decision on every rank
             raise NmtError(

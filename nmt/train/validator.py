@@ -85,7 +85,7 @@ class Validator:
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                 loss, nll = label_smoothed_loss(features, model.output_projection(), batch.tgt_out,
                                                 self.label_smoothing)
-            sums += torch.stack([loss.double(), nll.double(), sums.new_tensor(batch.tgt_tokens)])
+            sums += torch.stack([loss.double(), nll.double(), sums.new_full((), float(batch.tgt_tokens))])
         loss_sum, nll_sum, tokens = dist.sum_tensor(sums).tolist()
         return {"loss": loss_sum / tokens, "ppl": math.exp(min(nll_sum / tokens, 50.0))}
 
