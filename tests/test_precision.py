@@ -107,6 +107,7 @@ def test_real_timing_runs_each_workload_in_both_precisions_and_keeps_the_random_
 def test_the_workloads_change_no_parameter_gradient_or_random_state(arch: str) -> None:
     """What auto runs to time a training update and a translation leaves the run exactly as it was."""
     from nmt.config import DecodeConfig, ModelConfig
+    from nmt.data import collate
     from nmt.train.step import update_workload
     from nmt.translate import decode_workloads
 
@@ -117,7 +118,8 @@ def test_the_workloads_change_no_parameter_gradient_or_random_state(arch: str) -
     model = build_model(config)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     state = torch.get_rng_state()
-    time_workloads({"update": update_workload(model, (20, 20), (7, 9), 64, 0.1)}, seconds=0.01)
+    batch = collate([([5, 6, 7], [8, 9]), ([10] * 6, [11] * 4)])
+    time_workloads({"update": update_workload(model, batch, 0.1)}, seconds=0.01)
     assert all(p.grad is None for p in model.parameters())
     time_workloads(decode_workloads(model.eval(), 20, DecodeConfig(beam=3)), seconds=0.01)
     assert torch.equal(torch.get_rng_state(), state)

@@ -20,7 +20,7 @@ import torch
 
 from nmt.checkpoint import Checkpoint
 from nmt.config import HIGHER_IS_BETTER, Config, ModelConfig, to_toml, validate
-from nmt.data import EncodedSplit, PreparedData, TokenBatchSampler
+from nmt.data import Batch, EncodedSplit, PreparedData, TokenBatchSampler
 from nmt.device import resolve_device
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
@@ -34,8 +34,6 @@ from nmt.train.signals import StopSignals, stop_reason
 from nmt.train.state import Progress, TrainResult, capture_rng, check_reset, limit_reached, load_resumable, restore_rng
 from nmt.train.step import UpdateStep, update_workload
 from nmt.train.validator import Validator
-
-TIMED_TOKENS = 2048  # target tokens of the update precision="auto" times (at most a batch's)
 
 
 class Trainer:
@@ -59,14 +57,15 @@ class Trainer:
         self.train_split = self.data.split("train")
         fill_vocabulary(self.config.model, self.data)
         self.model = build_seeded_model(self.config, self.device)
-        self.precision = choose_run_precision(self.config, self.device, self.model, self.train_split, self.dist)
+        split, dist = self.train_split, self.dist
+        self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
+                                         shuffle=True, rank=dist.rank, world_size=dist.world_size)
+        self.precision = choose_run_precision(self.config, self.device, self.model,
+                                              timing_batch(self.sampler, split), dist)
         self.amp_dtype = self.precision.dtype
         self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
                                self.run_dir)
         self.optimizer = self.step.optimizer
-        split, dist = self.train_split, self.dist
-        self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
-                                         shuffle=True, rank=dist.rank, world_size=dist.world_size)
         self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype, self.dist)
         self.progress, self.last_saved, self.last_validation = Progress(), None, None
         if resume:
@@ -213,16 +212,21 @@ def build_seeded_model(config: Config, device: torch.device) -> torch.nn.Module:
     return build_model(config.model).to(device)
 
 
-def choose_run_precision(config: Config, device: torch.device, model: torch.nn.Module, split: EncodedSplit,
+def timing_batch(sampler: TokenBatchSampler, split: EncodedSplit) -> Batch:
+    """What precision="auto" times: the batch of median width among the first epoch's first 200."""
+    batches = sampler.batches(1)[:200]
+    widths = [int(split.src_lengths[batch].max()) for batch in batches]
+    return split.batch(batches[sorted(range(len(batches)), key=widths.__getitem__)[len(batches) // 2]])
+
+
+def choose_run_precision(config: Config, device: torch.device, model: torch.nn.Module, batch: Batch,
                          dist: Distributed) -> Precision:
-    """`train.precision`; "auto" times a training update like the data's, keeping bf16 only if every rank
+    """`train.precision`; "auto" times a training update on a real `batch`, keeping bf16 only if every rank
     found it faster."""
-    name, tokens = config.train.precision, min(config.train.max_tokens, TIMED_TOKENS)
-    vocab_sizes = (config.model.src_vocab_size, config.model.tgt_vocab_size)
-    lengths = (round(float(split.src_lengths.mean())) + 1, round(float(split.tgt_lengths.mean())) + 1)  # EOS
-    workload = {"a training update": update_workload(model, vocab_sizes, lengths, tokens,
-                                                     config.train.label_smoothing)}
-    choice = choose_precision(name, device, workload, f"update|{config.model}|{lengths}|{tokens}")
+    name = config.train.precision
+    workload = {"a training update": update_workload(model, batch, config.train.label_smoothing)}
+    key = f"update|{config.model}|{tuple(batch.src.shape)}|{tuple(batch.tgt_in.shape)}"
+    choice = choose_precision(name, device, workload, key)
     if name == "auto" and dist.any_true(choice.name != "bf16") and choice.name == "bf16":
         return Precision("fp32", f"{choice.reason}, but not on every rank", choice.speedups)
     return choice
