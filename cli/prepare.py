@@ -8,17 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import console, handle_errors, reporting, summary_table
-from nmt.data import (
-    REASONS,
-    CleanConfig,
-    HubDataset,
-    PairSource,
-    Sources,
-    TableFile,
-    TextFiles,
-    TokenizerTraining,
-    corpus_languages,
-)
+from nmt.data import REASONS, CleanConfig, HubDataset, PairSource, Sources, TableFile, TextFiles, TokenizerTraining
 from nmt.data import prepare as prepare_data
 from nmt.errors import NmtError
 from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, Tokenizer
@@ -173,7 +163,8 @@ def prepare(
         test=_split_source("test", test_src, test_tgt, test, hf_test_split, hub, fields),
         carve={name: n for name, n in (("valid", valid_size), ("test", test_size)) if n},
         split_seed=split_seed,
-        languages=corpus_languages(src_lang, tgt_lang, train_source),
+        src_lang=src_lang,
+        tgt_lang=tgt_lang,
     )
     with reporting() as reporter:
         data = prepare_data(out, sources, tokenizers, clean, overwrite=overwrite, max_tokens=max_tokens,

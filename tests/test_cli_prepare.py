@@ -37,6 +37,16 @@ def test_files_with_a_given_tokenizer(corpus_dir: Path, joint_spm: Path, tmp_pat
     assert again.exit_code == 1 and "already exists" in again.output
 
 
+def test_one_language_code_given_means_none_is_guessed(corpus_dir: Path, joint_spm: Path, tmp_path: Path) -> None:
+    """Half the pair given (here contradicting train.en): no code is read from the file names."""
+    out = tmp_path / "data"
+    result = runner.invoke(app, ["prepare", *files(corpus_dir, "train"), "--src-lang", "fr",
+                                 "--tokenizer", str(joint_spm), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert PreparedData.open(out).languages is None
+    assert "unknown (--src-lang)" in result.output
+
+
 def test_jsonl_through_datasets_with_carving_and_a_trained_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
     src, tgt = ((corpus_dir / f"train.{s}").read_text(encoding="utf-8").splitlines() for s in ("en", "de"))
     path = tmp_path / "pairs.jsonl"

@@ -10,7 +10,7 @@ from nmt.data.batch import Batch, collate, encode_source, pad_sources, source_id
 from nmt.data.clean import REASONS, CleanConfig
 from nmt.data.prepare import Sources, TokenizerTraining, prepare
 from nmt.data.sampler import TokenBatchSampler, padding_fraction
-from nmt.data.sources import HubDataset, PairSource, TableFile, TextFiles, corpus_languages
+from nmt.data.sources import HubDataset, PairSource, TableFile, TextFiles
 from nmt.data.store import EncodedSplit, PreparedData
 
 __all__ = [
@@ -27,7 +27,6 @@ __all__ = [
     "TokenBatchSampler",
     "TokenizerTraining",
     "collate",
-    "corpus_languages",
     "encode_source",
     "pad_sources",
     "padding_fraction",

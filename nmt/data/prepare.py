@@ -54,11 +54,12 @@ class Sources:
     test: PairSource | None = None
     carve: dict[str, int] = field(default_factory=dict)  # "valid"/"test" -> pairs taken from train
     split_seed: int = 1
-    languages: tuple[str, str] | None = None  # source and target codes; default: the training files' suffixes
+    src_lang: str | None = None  # language codes as given; with neither, the training files' suffixes are read
+    tgt_lang: str | None = None
+    languages: tuple[str, str] | None = field(init=False, default=None)  # what meta.json stores
 
     def __post_init__(self) -> None:
-        if self.languages is None:
-            self.languages = corpus_languages(None, None, self.train)
+        self.languages = corpus_languages(self.src_lang, self.tgt_lang, self.train)
         for name, count in self.carve.items():
             if name not in HELD_OUT or count < 1:
                 raise NmtError(f"can only carve a positive number of valid/test pairs, got {name}={count}")
