@@ -6,10 +6,10 @@ Many small requests cost little more than one when searched in one length-sorted
 options, up to `max_tokens` source tokens, once the batch is full or the oldest job has
 waited `max_wait` seconds. It waits only while requests overlap (the last batch held several
 jobs, or others were waiting when it ended; before the first batch it assumes so): a lone
-client is served at once, and the wait is spent only where company is likely. The queue never runs a job twice
-and never mixes options, and
-it refuses new jobs beyond `max_queue` (overload) or after `close` (shutdown). Nothing
-here knows HTTP: the server waits on each job's future.
+client is served at once, and the wait is spent only where company is likely. The queue
+never runs a job twice and never mixes options, and it refuses new jobs beyond `max_queue`
+(overload) or after `close` (shutdown). Nothing here knows HTTP: the server waits on each
+job's future.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
             tgt_tokenizer=tgt,
             train_state=payload.get("train_state"),
             metrics=payload.get("metrics") or {},
-            languages=_languages(payload.get("languages")),
+            languages=stored_languages(payload.get("languages")),
         )
     except KeyError as exc:
         raise NmtError(f"{path}: incomplete checkpoint (no {exc})") from None
@@ -145,8 +145,8 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
     return replace(last, model_state=averaged, train_state=None, metrics={})
 
 
-def _languages(stored: Any) -> tuple[str, str] | None:
-    """The stored [source, target] codes; None in checkpoints from before they were stored."""
+def stored_languages(stored: Any) -> tuple[str, str] | None:
+    """Stored [source, target] codes (a checkpoint's or an export's); None in files from before they were stored."""
     return (str(stored[0]), str(stored[1])) if stored else None
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from nmt import __version__
-from nmt.checkpoint import Checkpoint, load_checkpoint
+from nmt.checkpoint import Checkpoint, load_checkpoint, stored_languages
 from nmt.config import DecodeConfig, ModelConfig, from_dict
 from nmt.errors import NmtError
 from nmt.io import atomic_dir, check_output_dir
@@ -191,8 +191,7 @@ class ExportedModel:
             self.decode: DecodeConfig = from_dict({"decode": manifest["decode"]}).decode
             self.model: ModelConfig = from_dict({"model": manifest["model"]}).model
             self.max_positions: int = int(manifest["max_positions"])
-            languages = manifest.get("languages")  # absent in folders exported before languages were stored
-            self.languages: tuple[str, str] | None = (str(languages[0]), str(languages[1])) if languages else None
+            self.languages = stored_languages(manifest.get("languages"))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise NmtError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
         self.folder = folder
