@@ -13,7 +13,7 @@ from cli.translate import build_translator
 from nmt.attention import attention_maps
 from nmt.errors import NmtError
 from nmt.io import LineStream, check_output_dir, read_lines
-from nmt.plot import figure_class, write_attention
+from nmt.plot import ATTENTION_FOLDER, figure_class, write_attention
 
 
 def _read_inputs(input: Path | None) -> list[str]:
@@ -47,7 +47,8 @@ def attention(
             figure_class()
         except NmtError as exc:
             raise NmtError(f"{exc} (or --no-png for the HTML page alone)") from None
-    check_output_dir(output, overwrite)  # before the translation, not after it
+    check_output_dir(output, overwrite, kind=ATTENTION_FOLDER,  # before the translation, not after it
+                     reading=[model] if input is None else [model, input])
     texts = _read_inputs(input)
     translator = build_translator(model, threads, beam=beam, device=device, precision="fp32")
     if heads and translator.checkpoint.config.model.arch != "transformer":

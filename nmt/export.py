@@ -30,7 +30,7 @@ from nmt import __version__
 from nmt.checkpoint import Checkpoint, load_checkpoint, stored_languages
 from nmt.config import DecodeConfig, ModelConfig, from_dict
 from nmt.errors import NmtError
-from nmt.io import atomic_dir, check_output_dir
+from nmt.io import OutputFolder, atomic_dir, check_output_dir, read_json
 from nmt.models.transformer import sinusoids
 from nmt.tokenizer import BOS_PIECE, EOS_PIECE, UNK_PIECE, Tokenizer
 
@@ -41,6 +41,19 @@ MANIFEST_FORMAT = "nmt-ctranslate2"
 MANIFEST_VERSION = 1
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which every nmt LayerNorm uses
 INSTALL_HINT = "CTranslate2 is not installed; install it with: pip install 'nmt[ct2]'"
+WRITTEN = {"model.bin", "config.json", MANIFEST, "spm.model", "src.model", "tgt.model",
+           *(f"{side}_vocabulary.{ext}" for side in ("shared", "source", "target") for ext in ("json", "txt"))}
+
+
+def _is_manifest(path: Path) -> bool:
+    try:
+        manifest = read_json(path)
+    except NmtError:
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT
+
+
+EXPORT_FOLDER = OutputFolder("nmt export", MANIFEST, WRITTEN.__contains__, _is_manifest)
 
 
 def require_ctranslate2() -> ModuleType:
@@ -64,12 +77,12 @@ def export_checkpoint(checkpoint_path: Path, output: Path, *, format: str = "ctr
     if checkpoint.config.model.arch != "transformer":
         raise NmtError(f"{checkpoint_path}: an {checkpoint.config.model.arch.upper()} checkpoint; CTranslate2 has no "
                        "recurrent models, so only Transformers can be exported")
-    check_output_dir(output, overwrite)  # fail before the (slow) conversion, not after
+    check_output_dir(output, overwrite, kind=EXPORT_FOLDER, reading=[checkpoint_path])  # before the slow part
     ctranslate2 = require_ctranslate2()
     spec = transformer_spec(ctranslate2, checkpoint)
     spec.validate()
     spec.optimize(quantization=None if quantize == "none" else quantize)
-    with atomic_dir(output, overwrite) as tmp:
+    with atomic_dir(output, overwrite, kind=EXPORT_FOLDER, reading=[checkpoint_path]) as tmp:
         spec.save(str(tmp))
         files = write_tokenizers(tmp, checkpoint)
         manifest = manifest_of(checkpoint, files, quantize)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import json
 import os
 import select
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from nmt.errors import NmtError
 
@@ -97,6 +99,33 @@ def _gzip_errors(path: Path) -> Iterator[None]:
         raise NmtError(f"{path}: not a valid gzip file ({exc})") from None
 
 
+def read_json(path: Path, max_bytes: int = 1 << 20, follow_symlinks: bool = True) -> Any:
+    """A small JSON file (a manifest, a cache), read only if it is a regular file: a FIFO or a device is
+    refused, never waited on. Anything else wrong (too large, not UTF-8, not JSON, nested too deeply)
+    is one NmtError naming the file."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
+    except OSError as exc:
+        reason = "is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+        raise NmtError(f"{path}: cannot read ({reason})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NmtError(f"{path}: not a regular file")
+        if info.st_size > max_bytes:
+            raise NmtError(f"{path}: {info.st_size} bytes, more than the {max_bytes} expected")
+        data = handle.read(max_bytes + 1)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise NmtError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except RecursionError:
+        raise NmtError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of thousands of digits
+        raise NmtError(f"{path}: not valid JSON ({exc})") from None
+
+
 def ensure_writable_dir(directory: Path) -> None:
     """Create `directory` if needed; fail in one line when it cannot be written."""
     if not directory.exists():
@@ -117,16 +146,19 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, regular_only: bool = False) -> Iterator[Path]:
     """Give a temporary path beside `path`; rename it onto `path` only on success.
 
     Only a regular file (or a new one) is replaced so: a FIFO, a device or a terminal is
     written in place (a rename would swap it for a file its reader never sees), and a
     symbolic link is followed, so that its target is replaced and the link stays. A full
     disk or a read-only file system names the file. Temporaries left by killed runs are
-    removed (their names carry the writer's process id).
+    removed (their names carry the writer's process id). With `regular_only` (a cache), anything but a
+    regular file or nothing at `path` is refused instead: nothing is written through a link or into a pipe.
     """
     path = Path(path)
+    if regular_only and (path.is_symlink() or (path.exists() and not path.is_file())):
+        raise NmtError(f"{path}: not a regular file; left as it is")
     if path.is_symlink():
         path = path.resolve()
     if path.is_dir():
@@ -187,37 +219,109 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def check_output_dir(path: Path, overwrite: bool = False) -> Path:
-    """The checks `atomic_dir` makes, for commands that should fail before their long work, not after."""
+@dataclass(frozen=True)
+class OutputFolder:
+    """The kind of folder one command writes, so that --overwrite replaces an earlier one of those and nothing else.
+
+    A folder is that command's when its `marker` file is (`marker_ok` reads it) and every name at its top
+    is one the command writes: a folder also holding a checkpoint, notes or another run's files is not.
+    """
+
+    command: str  # named in refusals: "nmt export"
+    marker: str  # the file that identifies the folder: nmt.json, meta.json, index.html
+    names: Callable[[str], bool]  # the top-level names the command writes
+    marker_ok: Callable[[Path], bool] = lambda path: path.is_file() and not path.is_symlink()
+
+    def foreign(self, folder: Path) -> str | None:
+        """Why `folder` is not one of these (None: it is one, or it is empty)."""
+        entries = sorted(entry.name for entry in folder.iterdir())
+        if not entries:
+            return None
+        if self.marker not in entries or not self.marker_ok(folder / self.marker):
+            return f"is not a folder written by {self.command} (no {self.marker} of its own)"
+        other = [name for name in entries if not self.names(name)]
+        if other:
+            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            return f"holds files that {self.command} does not write ({shown})"
+        return None
+
+
+def _protected(path: Path, reading: Iterable[Path]) -> str | None:
+    """Why no command may replace `path` whatever it holds: the current or home directory, one above
+    them, or a folder holding a file the command is reading."""
+    real = path.resolve()
+    for name, place in (("the current directory", Path.cwd()), ("the home directory", Path.home())):
+        place = place.resolve()
+        if real == place or real in place.parents:
+            return f"is {name}" if real == place else f"holds {name}"
+    for source in reading:
+        source = Path(source).resolve()
+        if real == source or real in source.parents:
+            return f"holds {source.name}, which this command reads"
+    return None
+
+
+def check_output_dir(path: Path, overwrite: bool = False, *, kind: OutputFolder,
+                     reading: Iterable[Path] = ()) -> Path:
+    """Refuse, in one line, an output folder that exists unless --overwrite may replace it: only an earlier
+    folder of this `kind`, never the current or home directory, one above them, or one holding a file in
+    `reading` (the checkpoint being exported). Commands call it before their long work, and atomic_dir
+    again before the swap."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
-    if path.exists() and not path.is_dir():
-        raise NmtError(f"{path}: is a file, expected a directory")
+    if path.exists() or path.is_symlink():
+        protected = _protected(path, reading)
+        if protected:
+            raise NmtError(f"{path}: {protected}; refusing to replace it (choose a new folder)")
+        if not overwrite:
+            raise NmtError(f"{path}: already exists (use --overwrite to replace it)")
+        if not path.is_dir():
+            raise NmtError(f"{path}: is a file, expected a directory")
+        foreign = kind.foreign(path)
+        if foreign:
+            raise NmtError(f"{path}: {foreign}; refusing to replace it")
     ensure_writable_dir(path.parent)
     return path
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Give a temporary directory beside `path`; move it onto `path` only on success
-    (stale ones go, as in atomic_path)."""
-    path = check_output_dir(path, overwrite)
-    _remove_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+def atomic_dir(path: Path, overwrite: bool = False, *, kind: OutputFolder,
+               reading: Iterable[Path] = ()) -> Iterator[Path]:
+    """Give a temporary directory beside `path`; move it onto `path` only on success (stale ones go, as in
+    atomic_path). Write errors inside name `path`, never the hidden temporary folder."""
+    reading = list(reading)
+    check_output_dir(path, overwrite, kind=kind, reading=reading)
+    target = Path(os.path.abspath(path))
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with _naming_folder_errors(Path(path), tmp):
+            yield tmp
+            check_output_dir(path, overwrite, kind=kind, reading=reading)  # nothing new appeared meanwhile
+            if target.exists() or target.is_symlink():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _naming_folder_errors(path: Path, tmp: Path) -> Iterator[None]:
+    """An OSError about a file in the temporary folder, or a full disk, names the file under `path`."""
+    try:
+        yield
+    except OSError as exc:
+        name = Path(exc.filename) if isinstance(exc.filename, str) else None
+        if name is not None and (name == tmp or tmp in name.parents):
+            raise NmtError(f"{path / name.relative_to(tmp)}: cannot write ({exc.strerror or exc})") from None
+        if name is None and exc.errno in WRITE_ERRORS:
+            raise NmtError(f"{path}: cannot write ({exc.strerror})") from None
+        raise
 
 
 class LineStream:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from torch import Tensor
 
 from nmt.attention import AttentionMap
 from nmt.errors import NmtError
-from nmt.io import atomic_dir, atomic_path, read_lines
+from nmt.io import OutputFolder, atomic_dir, atomic_path, read_lines
 from nmt.progress import SILENT, Reporter
 
+ATTENTION_FOLDER = OutputFolder("nmt attention", "index.html",
+                                lambda name: name == "index.html" or re.fullmatch(r"line_\d+\.png", name) is not None)
 CELL_INCHES = 0.26  # side of one heatmap cell in a PNG
 CURVES = (  # (metric kind, key, panel title) of `nmt plot`
     ("train", "loss", "training loss"),
@@ -155,11 +158,9 @@ def write_attention(maps: Sequence[AttentionMap], directory: Path, png: bool = T
     """
     if png:
         figure_class()  # fail before any work
-    if overwrite and directory.exists() and not (directory / "index.html").is_file():
-        raise NmtError(f"{directory}: exists and holds no index.html; refusing to replace it")
     width = max(4, len(str(max((m.line for m in maps), default=0))))
     names = ["index.html"] + ([f"line_{m.line:0{width}d}.png" for m in maps] if png else [])
-    with atomic_dir(directory, overwrite) as tmp:
+    with atomic_dir(directory, overwrite, kind=ATTENTION_FOLDER) as tmp:
         attention_html(maps, tmp / names[0])
         if png:
             advance = reporter.task("drawing", len(maps), "sentences")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import time
@@ -24,12 +25,14 @@ from pathlib import Path
 import torch
 
 from nmt.errors import NmtError
-from nmt.io import atomic_path
+from nmt.io import atomic_path, read_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this much, at every workload, to be chosen
 MEASURE_SECONDS = 0.3
+CACHE_FILE = "precision.json"
+log = logging.getLogger(__name__)
 
 Workload = Callable[[torch.dtype | None], object]  # the run's own work, once, under autocast to a dtype (None: fp32)
 Timings = dict[str, dict[str, float]]  # workload -> best seconds of "fp32" and of "bf16"
@@ -134,23 +137,38 @@ def machine_key(key: str) -> str:
 
 
 def cached_timings(key: str, workloads: Mapping[str, Workload]) -> Timings:
-    """`time_workloads`, remembered per `machine_key` in cache_dir()/precision.json."""
-    path, entry = cache_dir() / "precision.json", machine_key(key)
-    try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
+    """`time_workloads`, remembered per `machine_key` in cache_dir()/precision.json.
+
+    The cache is read and written only as a regular file: a link, a pipe or a device there is left alone
+    (never written through, never waited on), and an unreadable cache is ignored with one warning.
+    """
+    path, entry = cache_dir() / CACHE_FILE, machine_key(key)
+    cache = _read_cache(path)
     if _complete(cache.get(entry), workloads):
         return cache[entry]
     result = time_workloads(workloads)
     try:  # a read-only home only costs the measurement next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with atomic_path(path, regular_only=True) as tmp:
             tmp.write_text(json.dumps({**cache, entry: result}), encoding="utf-8")
     except (OSError, NmtError):
         pass
     return result
+
+
+def _read_cache(path: Path) -> dict[str, object]:
+    """The cache's entries; {} (and one warning line) when it is there but unreadable."""
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    try:
+        cache = read_json(path, follow_symlinks=False)
+    except NmtError as exc:
+        log.warning("warning: %s; ignoring the precision cache", exc)
+        return {}
+    if not isinstance(cache, dict):
+        log.warning("warning: %s: not a JSON object; ignoring the precision cache", path)
+        return {}
+    return cache
 
 
 def _complete(stored: object, workloads: Mapping[str, Workload]) -> bool:

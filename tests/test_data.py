@@ -157,7 +157,7 @@ def test_output_is_never_half_written_or_clobbered(tmp_path: Path, tokenizers: t
     prepare(out, sources, tokenizers, overwrite=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(NmtError, match="not a prepared data directory; refusing"):
+    with pytest.raises(NmtError, match=r"mine: is not a folder written by nmt prepare \(no meta.json"):
         prepare(tmp_path / "mine", sources, tokenizers, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 

@@ -280,3 +280,30 @@ def test_bad_folders_and_options_are_one_line_errors(copy_model: Path, tmp_path:
     for args, message in cases:
         result = runner.invoke(app, args, input="a\n")
         assert_one_line_error(result.exit_code, result.output, message)
+
+
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(copy_model: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-o RUN --overwrite` once deleted the run directory, the checkpoint it read included."""
+    pytest.importorskip("ctranslate2")
+    run, docs, ct2 = tmp_path / "run", tmp_path / "mydocs", tmp_path / "ct2"
+    run.mkdir()
+    docs.mkdir()
+    (run / "best.pt").write_bytes(copy_model.read_bytes())
+    (docs / "letter.txt").write_text("precious")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        (run, f"{run}: holds best.pt, which this command reads; refusing to replace it (choose a new folder)"),
+        (docs, f"{docs}: is not a folder written by nmt export (no nmt.json of its own); refusing to replace it"),
+        (Path("."), ".: is the current directory; refusing to replace it (choose a new folder)"),
+    ]
+    for output, message in cases:
+        result = runner.invoke(app, ["export", str(run / "best.pt"), "-o", str(output), "--overwrite"])
+        assert_one_line_error(result.exit_code, result.output, message)
+    assert (run / "best.pt").read_bytes() == copy_model.read_bytes() and (docs / "letter.txt").is_file()
+    for _ in range(2):  # an earlier export is replaced
+        result = runner.invoke(app, ["export", str(run / "best.pt"), "-o", "ct2", "--overwrite"])
+        assert result.exit_code == 0, result.output
+    (ct2 / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(run / "best.pt"), "-o", "ct2", "--overwrite"])
+    assert_one_line_error(result.exit_code, result.output, "ct2: holds files that nmt export does not write (notes")

@@ -114,8 +114,13 @@ def test_pngs_and_overwrite_rules(tmp_path: Path) -> None:
     write_attention([make_map(1)], out, png=False, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["index.html"]
     (tmp_path / "other").mkdir()
-    with pytest.raises(NmtError, match="holds no index.html"):
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(NmtError, match="other: is not a folder written by nmt attention"):
         write_attention([make_map(1)], tmp_path / "other", overwrite=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(NmtError, match=r"out: holds files that nmt attention does not write \(notes.txt\)"):
+        write_attention([make_map(1)], out, png=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_attention_command(joint_spm: Path, tmp_path: Path) -> None:

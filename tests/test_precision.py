@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,33 @@ def test_timings_are_cached_per_machine_and_workload(tmp_path: Path, monkeypatch
     assert len(measured) == 3
     (tmp_path / "precision.json").write_text("{oops")  # a damaged cache is measured again, not an error
     assert cached_timings("a", work) == answer and len(measured) == 4
+
+
+@pytest.mark.parametrize("kind", ["nested", "latin-1", "list", "fifo", "symlink"])
+def test_an_unreadable_cache_is_ignored_with_one_warning_and_never_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """A FIFO there once hung `nmt translate`; a symlink there had its target overwritten."""
+    monkeypatch.setenv("NMT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(nmt.precision, "time_workloads", lambda workloads: {"w": {"fp32": 2.0, "bf16": 1.0}})
+    cache, target = tmp_path / "cache" / "precision.json", tmp_path / "target.json"
+    cache.parent.mkdir()
+    target.write_text("{}")
+    if kind == "fifo":
+        os.mkfifo(cache)
+    elif kind == "symlink":
+        cache.symlink_to(target)
+    else:
+        cache.write_bytes({"nested": b"[" * 100_000 + b"]" * 100_000, "latin-1": b'{"\xe9": 1}', "list": b"[1]"}[kind])
+    with caplog.at_level("WARNING", logger="nmt.precision"):
+        assert cached_timings("a", {"w": lambda dtype: None}) == {"w": {"fp32": 2.0, "bf16": 1.0}}
+    reason = {"nested": r"not valid JSON \(nested too deeply\)", "latin-1": r"not valid UTF-8 \(byte 2\)",
+              "list": "not a JSON object", "fifo": "not a regular file",
+              "symlink": r"cannot read \(is a symbolic link\)"}[kind]
+    assert len(caplog.messages) == 1
+    assert re.fullmatch(f"warning: {cache}: {reason}; ignoring the precision cache", caplog.messages[0])
+    assert target.read_text() == "{}"  # a link's target is never written
+    written = cache.is_file() and not cache.is_symlink()
+    assert written == (kind in ("nested", "latin-1", "list"))  # our own damaged file is replaced, nothing else
 
 
 def test_real_timing_runs_each_workload_in_both_precisions_and_keeps_the_random_state() -> None:

@@ -38,11 +38,23 @@ from nmt.data.store import (
     tokenizer_files,
 )
 from nmt.errors import NmtError
-from nmt.io import atomic_dir
+from nmt.io import OutputFolder, atomic_dir, read_json
 from nmt.progress import SILENT, Reporter
 from nmt.tokenizer import Tokenizer, train_sentencepiece
 
 HELD_OUT = ("valid", "test")
+
+
+def _is_meta(path: Path) -> bool:
+    try:
+        meta = read_json(path, max_bytes=64 << 20)
+    except NmtError:
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+PREPARED_FOLDER = OutputFolder("nmt prepare", META, {META, "train", *HELD_OUT, *tokenizer_files(True).values(),
+                                                    *tokenizer_files(False).values()}.__contains__, _is_meta)
 
 
 @dataclass
@@ -95,8 +107,7 @@ def prepare(
     """Write the prepared data directory `out` and open it; `max_tokens` only sets the padding estimate."""
     start = time.perf_counter()
     out, clean = Path(out), clean or CleanConfig()
-    _check_replaceable(out, overwrite)
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, kind=PREPARED_FOLDER) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()
         splits = _resolve_splits(sources, reporter)
@@ -159,13 +170,6 @@ def _padding_estimate(train: EncodedSplit, max_tokens: int) -> dict[str, float]:
     batches = TokenBatchSampler(train.src_lengths, train.tgt_lengths, max_tokens, seed=1).batches(1)
     return {"max_tokens": max_tokens, "batches": len(batches),
             "fraction": round(padding_fraction(batches, train.src_lengths, train.tgt_lengths), 4)}
-
-
-def _check_replaceable(out: Path, overwrite: bool) -> None:
-    """--overwrite replaces earlier prepared data, never some other directory."""
-    if overwrite and out.exists():
-        if not out.is_dir() or (any(out.iterdir()) and not (out / META).is_file()):
-            raise NmtError(f"{out}: exists and is not a prepared data directory; refusing to replace it")
 
 
 def _resolve_splits(sources: Sources, reporter: Reporter) -> dict[str, PairSource]:
