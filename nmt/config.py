@@ -19,7 +19,8 @@ from nmt.errors import NmtError
 from nmt.precision import PRECISIONS
 
 OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("inverse_sqrt", "noam", "cosine", "plateau", "constant")
+SCHEDULERS = ("auto", "linear", "cosine", "wsd", "inverse_sqrt", "noam", "plateau", "constant")
+BUDGETED_SCHEDULERS = ("linear", "cosine", "wsd")  # decay to train.min_lr exactly when the run's budget ends
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}  # the metrics train.best_metric may name
 
 
@@ -101,11 +102,17 @@ class TrainConfig:
     weight_decay: float = 0.0  # applied to weight matrices only, never to biases, norms or embeddings
     clip_norm: float = 1.0  # gradient norm clipping; 0 = off
     label_smoothing: float = 0.1
-    scheduler: str = "inverse_sqrt"  # "inverse_sqrt", "noam", "cosine" (to max_updates), "plateau" or "constant"
+    src_token_dropout: float = 0.0  # replace each source token by <unk> with this probability (word dropout)
+    tgt_token_dropout: float = 0.0  # the same for the decoder's input tokens (the targets scored are kept)
+    # "auto": for a bounded run (max_updates, max_epochs or max_minutes) the budget-aware default (nmt.optim),
+    # else inverse_sqrt; "linear", "cosine", "wsd" (down to min_lr when the budget ends), "inverse_sqrt", "noam",
+    # "plateau" or "constant"
+    scheduler: str = "auto"
     warmup: int = 4000  # linear warm-up updates
+    decay_fraction: float = 0.2  # wsd: the last share of the budget spent cooling down
     plateau_factor: float = 0.5  # plateau: multiply the rate by this when validation stops improving
     plateau_patience: int = 2  # plateau: validations without improvement before decaying
-    min_lr: float = 1e-6  # plateau: never decay below this; cosine: the rate at max_updates
+    min_lr: float = 1e-6  # plateau: never decay below this; linear, cosine, wsd: the rate when the budget ends
     valid_every: int = 1000  # validate every N updates (and at every epoch end); 0 = epoch end only
     valid_bleu: bool = True  # also decode the validation set (greedy) for BLEU and chrF
     # BLEU/chrF decode only the first N validation sentences (0 = all; the loss always uses the whole set),
@@ -127,7 +134,7 @@ class Config:
 # What differs for the recurrent baseline: Luong/Bahdanau-style training, not Transformer warm-up.
 RNN_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"arch": "rnn", "dropout": 0.3, "enc_layers": 2, "dec_layers": 2},
-    "train": {"lr": 1e-3, "scheduler": "plateau", "warmup": 0, "clip_norm": 1.0},
+    "train": {"lr": 1e-3, "warmup": 0, "clip_norm": 1.0},
 }
 ARCH_ALIASES = {"transformer": ("transformer", None), "lstm": ("rnn", "lstm"), "gru": ("rnn", "gru"),
                 "rnn": ("rnn", "rnn")}
@@ -265,6 +272,16 @@ def resolve(config_file: Path | None = None, model: str | None = None, overrides
     return merge(config, sets)
 
 
+def explicit_options(config_file: Path | None = None, model: str | None = None,
+                     overrides: Sequence[str] = ()) -> set[str]:
+    """The "section.key" options a run's config sets on purpose (the model family's defaults, the file, the
+    overrides): what automatic choices must leave alone."""
+    sources = [defaults_for(model) if model is not None else {}, load_config(config_file) if config_file else {},
+               parse_overrides(list(overrides))]
+    return {f"{section}.{key}" for data in sources for section, values in data.items()
+            if isinstance(values, dict) for key in values}
+
+
 def _stored_config(run_dir: Path) -> Config:
     """The config in the latest checkpoint of `run_dir`."""
     from nmt.checkpoint import load_checkpoint  # imported here: checkpoints are built on this module
@@ -293,16 +310,24 @@ def validate(config: Config) -> None:
         _check_at_least(f"train.{name}", getattr(train, name), 0)
     if not (train.lr > 0 and math.isfinite(train.lr)):
         raise NmtError(f"train.lr must be a positive number, got {train.lr}")
-    if not 0 <= train.label_smoothing < 1:
-        raise NmtError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    for name in ("label_smoothing", "src_token_dropout", "tgt_token_dropout"):
+        if not 0 <= getattr(train, name) < 1:
+            raise NmtError(f"train.{name} must be in [0, 1), got {getattr(train, name)}")
     if not 0 < train.plateau_factor <= 1:
         raise NmtError(f"train.plateau_factor must be in (0, 1], got {train.plateau_factor}")
     if train.best_metric in ("bleu", "chrf") and not train.valid_bleu:
         raise NmtError(f"best_metric {train.best_metric} needs train.valid_bleu = true")
     if train.scheduler in ("inverse_sqrt", "noam") and train.warmup <= 0:
         raise NmtError(f"scheduler {train.scheduler} needs train.warmup > 0")
-    if train.scheduler == "cosine" and train.max_updates <= train.warmup:
-        raise NmtError("scheduler cosine needs train.max_updates (where the decay ends) above train.warmup")
+    if train.scheduler in BUDGETED_SCHEDULERS:
+        if not (train.max_updates or train.max_epochs or train.max_minutes):
+            raise NmtError(f"scheduler {train.scheduler} decays to the end of the run's budget: set train.max_updates, "
+                           "max_epochs or max_minutes")
+        if train.max_updates and not (train.max_epochs or train.max_minutes) and train.max_updates <= train.warmup:
+            raise NmtError(f"scheduler {train.scheduler} needs train.max_updates (where the decay ends) "
+                           "above train.warmup")
+    if not 0 < train.decay_fraction <= 1:
+        raise NmtError(f"train.decay_fraction must be in (0, 1], got {train.decay_fraction}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -27,7 +27,7 @@ def test_overrides_are_typed_and_merged_in_order() -> None:
     merge(config, defaults_for("gru"))
     merge(config, parse_overrides(["train.lr=0.002", "model.norm=post", "train.adam_betas=[0.9, 0.99]",
                                    "train.data=a/b", "train.max_minutes=5"]))
-    assert (config.model.arch, config.model.cell, config.train.scheduler) == ("rnn", "gru", "plateau")
+    assert (config.model.arch, config.model.cell, config.train.warmup) == ("rnn", "gru", 0)
     assert config.train.lr == 0.002 and config.model.norm == "post"
     assert config.train.adam_betas == (0.9, 0.99)
     assert config.train.data == "a/b"
@@ -90,12 +90,14 @@ def train_config(*items: str) -> Config:
         (["train.label_smoothing=1"], r"^train.label_smoothing must be in \[0, 1\)"),
         (["train.plateau_factor=0"], r"^train.plateau_factor must be in \(0, 1\]"),
         (["train.optimizer=sgd"], r"^unknown train.optimizer 'sgd'; choose one of adam, adamw$"),
-        (["train.scheduler=exponential"], r"^unknown train.scheduler 'exponential'; choose one of inverse_sqrt, noam"),
+        (["train.scheduler=exponential"], r"^unknown train.scheduler 'exponential'; choose one of auto, linear"),
         (["train.best_metric=ter"], r"^unknown train.best_metric 'ter'; choose one of bleu, chrf, loss, ppl$"),
         (["train.precision=fp8"], r"^unknown train.precision 'fp8'; choose one of auto, fp32, bf16, fp16$"),
         (["train.valid_bleu=false"], r"^best_metric bleu needs train.valid_bleu = true$"),
         (["train.scheduler=noam", "train.warmup=0"], r"^scheduler noam needs train.warmup > 0$"),
-        (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine needs train.max_updates .* train.warmup$"),
+        (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine decays to the end of the run's budget"),
+        (["train.scheduler=wsd", "train.max_updates=100"], r"^scheduler wsd needs train.max_updates .* train.warmup$"),
+        (["train.decay_fraction=0"], r"^train.decay_fraction must be in \(0, 1\], got 0.0$"),
     ],
 )
 def test_validate_rejects_bad_training_options(items: list[str], message: str) -> None:
@@ -112,7 +114,7 @@ def test_validate_accepts_the_defaults_and_the_recipes() -> None:
 def test_resolve_precedence(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text("[train]\nlr = 0.005\nwarmup = 7\n[model]\ndropout = 0.4\n")
     config = resolve(tmp_path / "c.toml", model="gru", overrides=["train.warmup=9"])
-    assert (config.model.arch, config.model.cell, config.train.scheduler) == ("rnn", "gru", "plateau")  # family
+    assert (config.model.arch, config.model.cell, config.model.enc_layers) == ("rnn", "gru", 2)  # family
     assert (config.train.lr, config.model.dropout) == (0.005, 0.4)  # the file over the family
     assert config.train.warmup == 9  # overrides over the file
     assert resolve() == Config()

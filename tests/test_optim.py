@@ -8,7 +8,7 @@ from torch import nn
 
 from nmt.config import TrainConfig
 from nmt.loss import label_smoothed_loss
-from nmt.optim import Improvement, LearningRate, build_optimizer
+from nmt.optim import Budget, Improvement, LearningRate, build_optimizer
 from nmt.tokenizer import PAD_ID
 
 
@@ -64,7 +64,82 @@ def test_improvement_counts_validations_since_the_best() -> None:
 def test_plateau_state_keeps_the_checkpoint_keys_of_earlier_versions() -> None:
     schedule = LearningRate(TrainConfig(lr=1e-3, warmup=0, scheduler="plateau"), 256)
     schedule.observe(2.0, True)
-    assert schedule.state_dict() == {"scale": 1.0, "best": 2.0, "bad_validations": 0}
+    assert schedule.state_dict() == {"scale": 1.0, "best": 2.0, "bad_validations": 0, "warmup_end": 0.0}
+    restored = LearningRate(schedule.config, 256)
+    restored.load_state_dict({"scale": 0.5, "best": 2.0, "bad_validations": 1})  # an earlier version's state
+    assert restored.at(10) == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine", "wsd"])
+def test_budgeted_schedules_reach_the_floor_exactly_at_the_update_budget(scheduler: str) -> None:
+    config = TrainConfig(lr=1e-3, warmup=100, scheduler=scheduler, max_updates=1100, min_lr=1e-6)
+    schedule = LearningRate(config, 256)
+    assert schedule.at(50) == pytest.approx(5e-4)  # warm-up
+    assert schedule.at(100) == pytest.approx(1e-3)
+    rates = [schedule.at(update) for update in range(100, 1101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # never rises after warm-up
+    assert rates[-2] > 1e-6 and schedule.at(1100) == pytest.approx(1e-6, abs=1e-15)
+    assert schedule.at(5000) == pytest.approx(1e-6, abs=1e-15)  # past the budget (a resumed run with a larger one)
+
+
+def test_budgeted_schedule_shapes_half_way() -> None:
+    def half_way(scheduler: str) -> float:
+        config = TrainConfig(lr=1.0, warmup=100, scheduler=scheduler, max_updates=1100, min_lr=0.0)
+        return LearningRate(config, 256).at(600)
+    assert half_way("linear") == pytest.approx(0.5)
+    assert half_way("cosine") == pytest.approx(0.5)
+    assert half_way("wsd") == 1.0  # stable until the last decay_fraction (0.2) of the decay
+
+
+def test_wsd_cools_down_over_its_decay_fraction() -> None:
+    config = TrainConfig(lr=1.0, warmup=0, scheduler="wsd", max_updates=1000, min_lr=0.0, decay_fraction=0.1)
+    schedule = LearningRate(config, 256)
+    assert schedule.at(900) == 1.0
+    assert schedule.at(925) == pytest.approx(1.0 - math.sqrt(0.25))
+    assert schedule.at(1000) == 0.0
+
+
+def test_time_budget_reaches_the_floor_when_the_minutes_run_out() -> None:
+    config = TrainConfig(lr=1.0, warmup=10, scheduler="linear", max_minutes=10.0, min_lr=0.0)
+    schedule, optimizer = LearningRate(config, 256), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for update in range(1, 11):  # warm-up takes the first 60 seconds, a tenth of the budget
+        schedule.apply(optimizer, update, elapsed=6.0 * update)
+    assert schedule.warmup_end == pytest.approx(0.1)
+    assert schedule.apply(optimizer, 11, elapsed=60.0) == pytest.approx(1.0)
+    assert schedule.at(12, elapsed=330.0) == pytest.approx(0.5)  # half of the decay's 540 seconds
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    assert schedule.at(500, elapsed=600.0) == 0.0
+    resumed = LearningRate(config, 256)  # a resumed run keeps where warm-up ended
+    resumed.load_state_dict(schedule.state_dict())
+    assert resumed.at(12, elapsed=330.0) == schedule.at(12, elapsed=330.0)
+
+
+def test_a_resumed_run_with_a_larger_budget_follows_the_new_curve() -> None:
+    """A budget raised on --resume continues as if it had been set from the start (the rate rises again
+    from where the larger budget puts the run)."""
+    short = LearningRate(TrainConfig(lr=1.0, warmup=0, scheduler="linear", max_updates=1000, min_lr=0.0), 256)
+    longer = LearningRate(TrainConfig(lr=1.0, warmup=0, scheduler="linear", max_updates=2000, min_lr=0.0), 256)
+    longer.load_state_dict(short.state_dict())
+    assert short.at(1000) == 0.0 and longer.at(1000) == pytest.approx(0.5)
+
+
+def test_budget_is_the_nearest_limit() -> None:
+    assert Budget.of(TrainConfig(max_updates=500, max_epochs=3), updates_per_epoch=100) == Budget(300, 0.0)
+    assert Budget.of(TrainConfig(max_minutes=2.0), updates_per_epoch=100) == Budget(0, 120.0)
+    both = Budget(1000, 100.0)
+    assert both.fraction(100, elapsed=50.0) == 0.5 and both.fraction(900, elapsed=50.0) == 0.9
+    assert not Budget().bounded and Budget().fraction(10**6, 10**6) == 0.0
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    (TrainConfig(max_updates=100), "linear"),
+    (TrainConfig(max_minutes=1.0, warmup=0), "linear"),
+    (TrainConfig(), "inverse_sqrt"),
+    (TrainConfig(warmup=0), "plateau"),
+    (TrainConfig(scheduler="noam", max_updates=100), "noam"),
+])
+def test_auto_scheduler_decays_to_the_end_of_bounded_runs(config: TrainConfig, expected: str) -> None:
+    assert LearningRate(config, 256).name == expected
 
 
 def test_weight_decay_groups() -> None:

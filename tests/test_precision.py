@@ -157,11 +157,18 @@ def test_the_workloads_change_no_parameter_gradient_or_random_state(arch: str) -
 
 def test_training_reports_and_logs_its_precision(toy_data: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmt.train.trainer
     from nmt.train import Trainer
     from tests.test_train import make_config
 
+    def measured_each_run(fp32: float, bf16: float):
+        measure, calls = timings(fp32, bf16)
+        return lambda workloads: measure("", workloads), calls
+
+    monkeypatch.setenv("NMT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(nmt.precision, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(nmt.precision, "cached_timings", timings(2.0, 4.0)[0])
+    slower, calls = measured_each_run(2.0, 4.0)
+    monkeypatch.setattr(nmt.train.trainer, "time_workloads", slower)
     run = tmp_path / "run"
     trainer = Trainer(make_config(toy_data, run, "train.precision=auto", "train.max_updates=1",
                                   "train.valid_bleu=false", "train.best_metric=loss"))
@@ -172,9 +179,10 @@ def test_training_reports_and_logs_its_precision(toy_data: Path, tmp_path: Path,
     assert setup == {"kind": "setup", "update": 0, "precision": "fp32",
                      "precision_reason": "bf16 measured 0.50x fp32 on a training update on this CPU",
                      "bf16_speedup_a_training_update": 0.5}
-    monkeypatch.setattr(nmt.precision, "cached_timings", timings(4.0, 2.0)[0])
+    monkeypatch.setattr(nmt.train.trainer, "time_workloads", measured_each_run(4.0, 2.0)[0])
     faster = Trainer(make_config(toy_data, tmp_path / "bf16", "train.precision=auto", "train.max_updates=1"))
-    assert faster.precision.name == "bf16" and faster.amp_dtype == torch.bfloat16
+    assert faster.precision.name == "bf16" and faster.amp_dtype == torch.bfloat16  # measured again: no cache
+    assert len(calls) == 1 and not (tmp_path / "cache").exists()  # a busy machine's timing never sticks
 
 
 @pytest.mark.parametrize(("fp32", "bf16", "chosen"), [(2.0, 4.0, "fp32"), (4.0, 2.0, "bf16")])

@@ -36,15 +36,18 @@ def parameters(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model", ["transformer", "lstm"])
 def test_resume_is_bitwise_identical(toy_data: Path, tmp_path: Path, model: str, train_device: list[str]) -> None:
-    """Exact on every device: both runs are on the same device, with the same kernels."""
+    """Exact on every device: both runs are on the same device, with the same kernels. The first run has the
+    same budget (so the same budget-aware schedule) and is cut short at update 5, as by a signal."""
     extra = ["train.max_tokens=2000", "train.accum_steps=2", "train.valid_every=3", "train.valid_max_sentences=8",
              "model.dropout=0.2", *train_device]
     if model == "lstm":
         extra += ["model.arch=rnn", "model.embed_dim=32", "model.hidden_size=32", "model.enc_layers=1",
                   "model.dec_layers=1"]
     straight = Trainer(make_config(toy_data, tmp_path / "a", "train.max_updates=11", *extra)).train()
-    first = Trainer(make_config(toy_data, tmp_path / "b", "train.max_updates=5", *extra)).train()
-    assert first.stop_reason == "max_updates" and first.updates == 5
+    cut = Trainer(make_config(toy_data, tmp_path / "b", "train.max_updates=11", *extra))
+    cut._limit_reached = lambda: "interrupted" if cut.progress.update >= 5 else ""
+    first = cut.train()
+    assert first.stop_reason == "interrupted" and first.updates == 5
     resumed = Trainer(make_config(toy_data, tmp_path / "b", "train.max_updates=11", *extra), resume=True).train()
     assert straight.updates == resumed.updates == 11
     assert straight.epochs_finished >= 1  # the run crossed an epoch boundary after resuming mid-epoch

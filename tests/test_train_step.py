@@ -65,3 +65,29 @@ def test_compiled_training_matches_eager_and_compiles_a_few_times_not_per_batch(
         assert got[0] == pytest.approx(expected[0], rel=1e-4), (got, expected)
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def test_token_dropout_replaces_only_real_tokens_and_keeps_the_targets() -> None:
+    from nmt.data.batch import collate
+    from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+    batch = collate([([5, 6, 7, 8], [9, 10]), ([11], [12, 13, 14])])
+    unchanged = batch.with_token_dropout(0.0, 0.0)
+    assert torch.equal(unchanged.src, batch.src) and torch.equal(unchanged.tgt_in, batch.tgt_in)
+    everything = batch.with_token_dropout(1.0, 1.0)
+    assert everything.src.tolist() == [[UNK_ID] * 4 + [EOS_ID], [UNK_ID, EOS_ID, PAD_ID, PAD_ID, PAD_ID]]
+    assert everything.tgt_in.tolist() == [[BOS_ID, UNK_ID, UNK_ID, PAD_ID], [BOS_ID, UNK_ID, UNK_ID, UNK_ID]]
+    assert torch.equal(everything.tgt_out, batch.tgt_out) and torch.equal(everything.src_mask, batch.src_mask)
+
+
+def test_token_dropout_is_seeded() -> None:
+    from nmt.data.batch import collate
+
+    batch = collate([(list(range(4, 60)), list(range(4, 60)))] * 4)
+    torch.manual_seed(3)
+    first = batch.with_token_dropout(0.3, 0.1)
+    torch.manual_seed(3)
+    second = batch.with_token_dropout(0.3, 0.1)
+    assert torch.equal(first.src, second.src) and torch.equal(first.tgt_in, second.tgt_in)
+    dropped = (first.src != batch.src).float().mean().item()
+    assert 0.1 < dropped < 0.5  # about 30% of 4 x 56 source tokens

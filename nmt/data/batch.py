@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 Example = tuple[Sequence[int], Sequence[int]]
 
@@ -51,12 +51,29 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def with_token_dropout(self, src_rate: float, tgt_rate: float) -> Batch:
+        """A copy in which each source token and each decoder-input token (never EOS, BOS or padding) is
+        replaced by <unk> with the given probability: word dropout (Sennrich et al. 2016, Gal & Ghahramani
+        2016), a regulariser for small corpora. The targets the loss reads are kept. Drawn from torch's
+        generator on the batch's device, which checkpoints save, so a seeded run and its resumption agree."""
+        src = _unk_some(self.src, self.src_mask & (self.src != EOS_ID), src_rate)
+        tgt_in = _unk_some(self.tgt_in, (self.tgt_in != PAD_ID) & (self.tgt_in != BOS_ID), tgt_rate)
+        return replace(self, src=src, tgt_in=tgt_in)
+
     def pin_memory(self) -> Batch:
         """Page-locked copies, so `to(cuda, non_blocking=True)` overlaps with compute."""
         return self._map(lambda t: t.pin_memory())
 
 
 _TENSORS = ("src", "src_mask", "tgt_in", "tgt_out")
+
+
+def _unk_some(ids: torch.Tensor, eligible: torch.Tensor, rate: float) -> torch.Tensor:
+    """`ids` with each `eligible` position replaced by UNK_ID with probability `rate`."""
+    if rate <= 0:
+        return ids
+    drop = eligible & (torch.rand(ids.shape, device=ids.device) < rate)
+    return ids.masked_fill(drop, UNK_ID)
 
 
 def _pad(rows: Sequence[Sequence[int]], lengths: np.ndarray, width: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from nmt.device import autocast
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.loss import label_smoothed_loss
-from nmt.optim import LearningRate, build_optimizer
+from nmt.optim import Budget, LearningRate, build_optimizer
 from nmt.precision import Workload
 from nmt.train.run_directory import RunDirectory
 
@@ -56,11 +56,11 @@ class UpdateStep:
     """Owns what changes the parameters: optimiser, schedule, loss scaler and the DDP wrapper."""
 
     def __init__(self, model: nn.Module, split: EncodedSplit, config: Config, dist: Distributed, device: torch.device,
-                 amp_dtype: torch.dtype | None, run_dir: RunDirectory) -> None:
+                 amp_dtype: torch.dtype | None, run_dir: RunDirectory, budget: Budget | None = None) -> None:
         self.model, self.split, self.cfg = model, split, config.train
         self.dist, self.device, self.amp_dtype, self.run_dir = dist, device, amp_dtype, run_dir
         self.optimizer = build_optimizer(model, self.cfg)
-        self.schedule = LearningRate(self.cfg, config.model.d_model)
+        self.schedule = LearningRate(self.cfg, config.model.d_model, budget)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         self.last_rate = 0.0
         self._ddp_model: nn.Module | None = None
@@ -75,16 +75,21 @@ class UpdateStep:
             self._ddp_model = torch.compile(wrapped, dynamic=True) if self.cfg.compile else wrapped
         return self._ddp_model
 
-    def __call__(self, group: Group, update: int, next_group: Group | None = None) -> tuple[float, float, int]:
+    def __call__(self, group: Group, update: int, next_group: Group | None = None,
+                 elapsed: float = 0.0) -> tuple[float, float, int]:
         """Update number `update` over the batches of example indices in `group`; returns summed loss, NLL
-        and target tokens over every rank. `next_group`, if known, is collated meanwhile."""
+        and target tokens over every rank. `next_group`, if known, is collated meanwhile. `elapsed` is this
+        rank's clock: averaged over ranks with the loss, so that a time-budgeted schedule gives every rank
+        the same rate."""
         self.model.train()
         batches = self._collated(group)
         if next_group:
             self._prefetched = (next_group, self._collator.submit(self._collate, next_group))
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, NLL, target tokens: on the device
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, NLL, target tokens, the clock
+        sums[3].fill_(elapsed)  # filled on the device: no host-to-device copy to wait for
         for index, batch in enumerate(batches):
             batch = batch.to(self.device, non_blocking=batch.src.is_pinned())
+            batch = batch.with_token_dropout(self.cfg.src_token_dropout, self.cfg.tgt_token_dropout)
             try:
                 # Gradients are all-reduced only in the backward pass of the update's last batch.
                 with self.dist.no_sync(self.ddp_model, skip=index < len(batches) - 1):
@@ -100,15 +105,16 @@ class UpdateStep:
                     "lower train.max_tokens and raise train.accum_steps"
                 ) from None
             # new_full fills on the device; new_tensor would copy a host number over (a sync per batch on CUDA)
-            sums += torch.stack([loss.detach().double(), nll.double(), sums.new_full((), float(batch.tgt_tokens))])
-        loss_sum, nll_sum, total_tokens = self.dist.sum_tensor(sums).tolist()  # the one host sync
+            sums[:3] += torch.stack([loss.detach().double(), nll.double(), sums.new_full((), float(batch.tgt_tokens))])
+        loss_sum, nll_sum, total_tokens, elapsed_sum = self.dist.sum_tensor(sums).tolist()  # the one host sync
         if not math.isfinite(loss_sum) and self.amp_dtype != torch.float16:  # the same decision on every rank
             raise NmtError(
                 f"loss became {loss_sum} at update {update}; stopped without saving, "
                 f"the last good checkpoint is {self.run_dir.latest() or 'none'} "
                 "(try a lower train.lr or longer train.warmup)"
             )
-        self._step(update, self.dist.world_size / total_tokens)
+        world = self.dist.world_size
+        self._step(update, world / total_tokens, elapsed_sum / world)
         return loss_sum, nll_sum, int(total_tokens)
 
     def _collate(self, group: Group) -> list[Batch]:
@@ -123,10 +129,10 @@ class UpdateStep:
             return prefetched[1].result()
         return self._collate(group)
 
-    def _step(self, update: int, gradient_scale: float) -> None:
+    def _step(self, update: int, gradient_scale: float, elapsed: float) -> None:
         """Scale the summed gradients to a per-token mean (DDP already averaged them over ranks,
-        hence the world size in `gradient_scale`), clip, and step."""
-        self.last_rate = self.schedule.apply(self.optimizer, update)
+        hence the world size in `gradient_scale`), clip, and step at the rate of `update` and `elapsed`."""
+        self.last_rate = self.schedule.apply(self.optimizer, update, elapsed)
         self.scaler.unscale_(self.optimizer)  # a no-op unless fp16 scales the loss
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, gradient_scale)
