@@ -11,10 +11,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli.common import console, err_console, handle_errors, human, summary_table
-from nmt.config import resolve, to_toml
+from nmt.config import explicit_options, resolve, to_toml
 from nmt.device import tune_cpu
 from nmt.progress import Advance
 from nmt.train import Trainer, TrainResult
+from nmt.train.sizing import SIZED_OPTIONS
 
 SIGNAL_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT, 128 + SIGTERM, as shells report them
 
@@ -120,10 +121,11 @@ def train(
         if value is not None:
             sets.append(f"train.{name}={_literal(value)}")
     config = resolve(config_file, model, sets, resume=resume)
+    free = set(SIZED_OPTIONS) - explicit_options(config_file, model, sets)
     tune_cpu(config.train.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     monitor = RichMonitor()
     try:
-        trainer = Trainer(config, monitor=monitor, resume=resume, reset=tuple(reset or ()))
+        trainer = Trainer(config, monitor=monitor, resume=resume, reset=tuple(reset or ()), choose=free)
         result = trainer.train()
     finally:
         monitor.stop()

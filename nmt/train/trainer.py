@@ -12,6 +12,7 @@ import copy
 import os
 import random
 import time
+from collections.abc import Collection
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from nmt.device import resolve_device
 from nmt.distributed import Distributed
 from nmt.errors import NmtError
 from nmt.models import build_model
-from nmt.precision import Precision, check_precision, choose_precision
+from nmt.optim import Budget
+from nmt.precision import Precision, Workload, check_precision, choose_precision, time_workloads
 from nmt.train.meter import TrainMeter
 from nmt.train.metrics_log import MetricsLog
 from nmt.train.monitor import Monitor, SilentMonitor
 from nmt.train.run_directory import RunDirectory
 from nmt.train.signals import StopSignals, stop_reason
+from nmt.train.sizing import choose_schedule_and_regularisation, choose_shape
 from nmt.train.state import Progress, TrainResult, capture_rng, check_reset, limit_reached, load_resumable, restore_rng
 from nmt.train.step import UpdateStep, update_workload
 from nmt.train.validator import Validator
@@ -40,7 +43,9 @@ class Trainer:
     """Trains one model on one prepared dataset as a `Config` describes (validated here, copied, never changed)."""
 
     def __init__(self, config: Config, monitor: Monitor | None = None, resume: bool = False,
-                 reset: tuple[str, ...] = ()) -> None:
+                 reset: tuple[str, ...] = (), choose: Collection[str] = ()) -> None:
+        """`choose`: the options (nmt.train.sizing.SIZED_OPTIONS) this run may size to its data and budget,
+        those not given explicitly; a resumed run keeps its stored ones."""
         validate(config)
         check_reset(reset, resume)
         self.config = copy.deepcopy(config)
@@ -56,20 +61,39 @@ class Trainer:
         self.data = open_data(Path(cfg.data), resume)
         self.train_split = self.data.split("train")
         fill_vocabulary(self.config.model, self.data)
+        free = () if resume or self.config.model.arch != "transformer" else frozenset(choose)
+        self.choices = choose_shape(self.config, len(self.train_split), free) if free else []
         self.model = build_seeded_model(self.config, self.device)
         split, dist = self.train_split, self.dist
         self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
                                          shuffle=True, rank=dist.rank, world_size=dist.world_size)
-        self.precision = choose_run_precision(self.config, self.device, self.model,
-                                              timing_batch(self.sampler, split), dist)
+        batch = timing_batch(self.sampler, split)
+        self.precision = choose_run_precision(self.config, self.device, self.model, batch, dist)
         self.amp_dtype = self.precision.dtype
+        updates_per_epoch = -(-len(self.sampler.batches(1)) // cfg.accum_steps)
+        if free:
+            self._size_to_budget(free, updates_per_epoch, batch)
         self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
-                               self.run_dir)
+                               self.run_dir, Budget.of(cfg, updates_per_epoch))
         self.optimizer = self.step.optimizer
         self.validator = Validator.for_run(self.data, self.config, self.device, self.amp_dtype, self.dist)
         self.progress, self.last_saved, self.last_validation = Progress(), None, None
         if resume:
             self._resume(reset)
+        self.meter = TrainMeter(self.progress.elapsed, self.progress.validation_seconds)
+
+    def _size_to_budget(self, free: Collection[str], updates_per_epoch: int, batch: Batch) -> None:
+        """Choose warm-up, validation interval and regularisation from the updates the budget allows (timing an
+        update on rank 0 for a time budget), then rebuild the model with the chosen dropouts."""
+        def seconds_per_update() -> float:
+            workload = update_workload(self.model, batch, self.cfg.label_smoothing)
+            timed = time_update(workload, self.amp_dtype, self.device) * self.cfg.accum_steps
+            return self.dist.broadcast_object(timed)  # every rank makes the same choices
+
+        self.choices += choose_schedule_and_regularisation(self.config, len(self.train_split), free,
+                                                           updates_per_epoch, seconds_per_update)
+        validate(self.config)
+        self.model = build_seeded_model(self.config, self.device)
 
     def _resume(self, reset: tuple[str, ...]) -> None:
         path, ckpt = load_resumable(self.run_dir, self.data, self.config, self.dist.world_size)
@@ -86,7 +110,7 @@ class Trainer:
     def update(self, group: list[list[int]], next_group: list[list[int]] | None = None) -> tuple[float, float, int]:
         """One optimiser update over `group` batches (`next_group` is collated meanwhile);
         returns summed loss, NLL and target tokens."""
-        return self.step(group, self.progress.update + 1, next_group)
+        return self.step(group, self.progress.update + 1, next_group, self.meter.elapsed())
 
     def train(self) -> TrainResult:
         """Run until a limit, early stopping or a stop signal; always end on a saved checkpoint."""
@@ -97,6 +121,10 @@ class Trainer:
             self.signals = stack.enter_context(StopSignals(self.monitor.message))
             self.log.write({"kind": "setup", "update": self.progress.update, **self.precision.as_record()})
             self.monitor.started(self._start_info())
+            for choice in self.choices:
+                self.monitor.message(f"auto: {choice.option} = {choice.value} ({choice.reason})")
+            schedule = self.step.schedule
+            self.monitor.message(f"learning-rate schedule: {schedule.name} ({schedule.reason})")
             reason = self._limit_reached()
             while not reason:
                 reason = self._after_update(self._train_next_group())
@@ -200,6 +228,20 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def time_update(workload: Workload, dtype: torch.dtype | None, device: torch.device, rounds: int = 3) -> float:
+    """The best of `rounds` timed training updates, after one untimed (warm-up) one; the random state is kept."""
+    best = float("inf")
+    with torch.random.fork_rng(devices=[]):
+        for round_number in range(rounds + 1):
+            begin = time.perf_counter()
+            workload(dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_number:
+                best = min(best, time.perf_counter() - begin)
+    return best
+
+
 def numbers(record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a record (what a checkpoint keeps of its validation)."""
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -222,11 +264,11 @@ def timing_batch(sampler: TokenBatchSampler, split: EncodedSplit) -> Batch:
 def choose_run_precision(config: Config, device: torch.device, model: torch.nn.Module, batch: Batch,
                          dist: Distributed) -> Precision:
     """`train.precision`; "auto" times a training update on a real `batch`, keeping bf16 only if every rank
-    found it faster."""
+    found it faster. Measured afresh at every run, never cached: the timing costs seconds against a run's
+    minutes, and a cached one taken while the machine was busy would decide every later run."""
     name = config.train.precision
     workload = {"a training update": update_workload(model, batch, config.train.label_smoothing)}
-    key = f"update|{config.model}|{tuple(batch.src.shape)}|{tuple(batch.tgt_in.shape)}"
-    choice = choose_precision(name, device, workload, key)
+    choice = choose_precision(name, device, workload, measure=lambda _, workloads: time_workloads(workloads))
     if name == "auto" and dist.any_true(choice.name != "bf16") and choice.name == "bf16":
         return Precision("fp32", f"{choice.reason}, but not on every rank", choice.speedups)
     return choice
