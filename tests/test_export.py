@@ -23,6 +23,7 @@ from nmt.export import INSTALL_HINT, ExportedModel, export_checkpoint
 from nmt.models import build_model
 from nmt.search import Hypothesis, length_penalty, max_output_lengths
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from nmt.train.sizing import SIZED_OPTIONS, choose_shape
 from nmt.translate import Translator
 from tests.conftest import make_parallel
 from tests.test_cli_translate import CPU, GERMAN, SOURCES, _read_line, assert_one_line_error, nmt
@@ -38,6 +39,16 @@ LAYOUTS = {  # every option export maps: norm, positions, activation, vocabulari
     "pre-sinusoidal-gelu-separate-tied": dict(norm="pre", positions="sinusoidal", activation="gelu", separate=True,
                                               d_model=64, heads=4, enc_layers=1, dec_layers=1),
 }
+
+def _auto_sized_shape() -> dict:
+    """The model shape `nmt train` chooses for a 10k-pair corpus (nmt.train.sizing), with its defaults."""
+    config = Config()
+    choose_shape(config, 10_000, SIZED_OPTIONS)
+    return {key: getattr(config.model, key) for key in ("d_model", "heads", "ffn_dim", "enc_layers", "dec_layers",
+                                                       "norm", "positions", "activation")}
+
+
+LAYOUTS["auto-sized-10k-pairs"] = _auto_sized_shape()
 EOS_POSITION, EOS_BIAS = 8.0, 0.1  # EOS's weight on the falling position channel and on the constant one
 DECODE = DecodeConfig(beam=1, alpha=0.6, max_len_a=1.0, max_len_b=6)
 TEXTS = make_parallel(24, seed=5)[0] + make_parallel(8, seed=6)[1]
