@@ -11,11 +11,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cli.common import console, err_console, handle_errors, human, summary_table
-from nmt.config import explicit_options, resolve, to_toml
+from nmt.config import resolve, to_toml
 from nmt.device import tune_cpu
 from nmt.progress import Advance
 from nmt.train import Trainer, TrainResult
-from nmt.train.sizing import SIZED_OPTIONS
+from nmt.train.sizing import free_options
 
 SIGNAL_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT, 128 + SIGTERM, as shells report them
 
@@ -102,9 +102,9 @@ def train(
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Override any option: section.key=value, e.g. train.lr=0.001 (repeatable).")] = None,
     max_updates: Annotated[int | None, typer.Option(
-        help="Stop after this many updates; sets train.max_updates.")] = None,
+        help="Stop after this many updates (0: no limit); sets train.max_updates.")] = None,
     max_minutes: Annotated[float | None, typer.Option(
-        help="Stop after this many minutes, validation included; sets train.max_minutes.")] = None,
+        help="Stop after this many minutes, validation included (0: no limit); sets train.max_minutes.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; sets train.device.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16; sets train.precision.")] = None,
     resume: Annotated[bool, typer.Option(
@@ -114,18 +114,22 @@ def train(
         "--reset", help="With --resume: start afresh the optimizer, the scheduler's plateau state or the best score "
         "(repeatable).")] = None,
 ) -> None:
-    """Train a Transformer or LSTM/GRU/RNN model; resumable, with validation BLEU and checkpoints."""
+    """Train a Transformer or LSTM/GRU/RNN model; resumable, with validation BLEU and checkpoints.
+
+    A Transformer's sizes, regularisation, warm-up and validation interval that no option sets are chosen
+    from the corpus and the budget (printed at start); a bounded run's learning rate decays to its end.
+    """
     sets = list(overrides or [])
     for name, value in (("data", data), ("run_dir", run_dir), ("max_updates", max_updates),
                         ("max_minutes", max_minutes), ("device", device), ("precision", precision)):
         if value is not None:
             sets.append(f"train.{name}={_literal(value)}")
     config = resolve(config_file, model, sets, resume=resume)
-    free = set(SIZED_OPTIONS) - explicit_options(config_file, model, sets)
     tune_cpu(config.train.threads, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     monitor = RichMonitor()
     try:
-        trainer = Trainer(config, monitor=monitor, resume=resume, reset=tuple(reset or ()), choose=free)
+        trainer = Trainer(config, monitor=monitor, resume=resume, reset=tuple(reset or ()),
+                          choose=free_options(config_file, model, sets))
         result = trainer.train()
     finally:
         monitor.stop()

@@ -20,6 +20,7 @@ from nmt.config import Config, merge, parse_overrides, resolve
 from nmt.errors import NmtError
 from nmt.plot import read_metrics
 from nmt.train import RunDirectory, SilentMonitor, Trainer, latest_checkpoint
+from nmt.train.sizing import free_options
 from nmt.translate import Translator
 from tests.conftest import TINY_TRANSFORMER
 
@@ -208,7 +209,8 @@ def train_records(run: Path) -> list[dict]:
 
 
 def test_api_and_cli_resolve_and_train_alike(toy_data: Path, tmp_path: Path) -> None:
-    """`nmt train` is config.resolve + Trainer: the same options give the same config and the same run."""
+    """`nmt train` is config.resolve + Trainer sizing what no option sets: the same options give the same
+    config (sized alike) and the same run."""
     options = [*TINY_TRANSFORMER, *NO_BLEU, "train.valid_every=0", f'train.data="{toy_data}"']
     proc = _nmt("train", "--run-dir", str(tmp_path / "cli"), "--max-updates", "2",
                 *[arg for option in options for arg in ("--set", option)])
@@ -217,7 +219,8 @@ def test_api_and_cli_resolve_and_train_alike(toy_data: Path, tmp_path: Path) -> 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what the CLI's tune_cpu applied for train.threads=1
     try:
-        Trainer(resolve(overrides=[*options, f'train.run_dir="{tmp_path / "api"}"', "train.max_updates=2"])).train()
+        api = [*options, f'train.run_dir="{tmp_path / "api"}"', "train.max_updates=2"]
+        Trainer(resolve(overrides=api), choose=free_options(overrides=api)).train()
     finally:
         torch.set_num_threads(threads)
     toml = {name: (tmp_path / name / "config.toml").read_text().replace(str(tmp_path / name), "RUN")

@@ -15,11 +15,12 @@ touched (the caller passes only the options it may choose).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from nmt.config import Config
+from nmt.config import Config, explicit_options
 
 # The options sizing may choose, as "section.key".
 SIZED_OPTIONS = (
@@ -52,6 +53,12 @@ VALID_EVERY_RANGE = (100, 2000)
 VALIDATION_OVERHEAD = 1.15  # wall time per update, validation and collation included, over the timed update
 
 
+def free_options(config_file: Path | None = None, model: str | None = None,
+                 overrides: Sequence[str] = ()) -> frozenset[str]:
+    """The options `nmt train` sizes for a run resolved from these sources: those none of them sets."""
+    return frozenset(SIZED_OPTIONS) - explicit_options(config_file, model, overrides)
+
+
 @dataclass(frozen=True)
 class Choice:
     option: str  # "section.key"
@@ -82,7 +89,7 @@ def choose_schedule_and_regularisation(config: Config, pairs: int, free: Collect
     if updates is None:
         return []
     epochs = updates / max(updates_per_epoch, 1)
-    why = f"about {updates:,} updates ({how}): {epochs:.0f} epochs of {pairs:,} pairs"
+    why = f"about {updates:,} updates ({how}): {epochs:.1f} epochs of {pairs:,} pairs"
     settings = next(values for limit, values in REGULARISATION if epochs <= limit)
     choices = [Choice(f"model.{key}", settings[key], why)
                for key in ("dropout", "attention_dropout", "activation_dropout")]
