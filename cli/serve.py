@@ -10,7 +10,7 @@ import typer
 from cli.common import err_console, handle_errors
 from nmt.device import tune_cpu
 from nmt.errors import NmtError
-from nmt.service import Limits, Service, check_model, resolve_pairs, serving_threads
+from nmt.serve import Limits, Service, check_model, resolve_pairs, serving_threads
 
 LIMITS = Limits()  # the defaults, shown in --help
 
@@ -47,8 +47,8 @@ def serve(
 ) -> None:
     """Serve translations over HTTP: POST /translate, GET /languages, GET /health (LibreTranslate-compatible)."""
     try:
-        from nmt.serve import Listen
-        from nmt.serve import serve as run_server
+        from nmt.serve.app import Listen
+        from nmt.serve.app import serve as run_server
     except ImportError as exc:  # the optional extra
         raise NmtError(f"nmt serve needs FastAPI and uvicorn ({exc}): pip install 'nmt[serve]'") from None
     if threads < 0:

@@ -301,8 +301,8 @@ def test_sigterm_under_load_answers_every_request_completely(copy_model: Path, t
 
 
 def test_health_and_translate_answer_503_while_the_model_loads(copy_model: Path) -> None:
-    from nmt.serve import create_app
-    from nmt.service import Limits, Pair, Service
+    from nmt.serve import Limits, Pair, Service
+    from nmt.serve.app import create_app
 
     service = Service([copy_model], [Pair("en", "de")], Limits())  # never loaded
 
@@ -331,7 +331,7 @@ def test_command_line_errors_are_one_line(copy_model: Path, tmp_path: Path, monk
         port = taken.getsockname()[1]
         result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de", "--port", str(port), *CPU])
     assert result.exit_code == 1 and result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
-    monkeypatch.setitem(sys.modules, "nmt.serve", None)  # as if FastAPI and uvicorn were not installed
+    monkeypatch.setitem(sys.modules, "nmt.serve.app", None)  # as if FastAPI and uvicorn were not installed
     result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'nmt[serve]'" in result.output
@@ -364,7 +364,7 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path: Pat
 def test_accepted_connections_send_without_waiting_for_acks() -> None:
     """TCP_NODELAY on the server's connections: without it each response on a kept-alive
     connection waited for the client's delayed ACK (about 40 ms a request)."""
-    from nmt.serve import bind
+    from nmt.serve.app import bind
 
     async def accepted_nodelay() -> int:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()

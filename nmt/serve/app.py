@@ -3,7 +3,7 @@
 `POST /translate`, `GET /languages` and `GET /health` speak LibreTranslate's JSON (and its
 form-encoded bodies), so its clients and browser extensions work unchanged; `beam`,
 `alpha` and `nbest` are nmt's own extras. Every refusal is `{"error": "..."}` with its
-status. What to translate and when is decided in `nmt.service`; this module only parses
+status. What to translate and when is decided in `nmt.serve.service`; this module only parses
 and shapes. Needs the optional extra: `pip install 'nmt[serve]'`.
 """
 
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from nmt.errors import NmtError
-from nmt.service import ServeError, Service, TranslateRequest
+from nmt.serve.service import ServeError, Service, TranslateRequest
 from nmt.translate import LineResult
 
 log = logging.getLogger("nmt.serve")

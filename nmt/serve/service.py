@@ -4,7 +4,7 @@ Each model serves one language pair through its own `BatchQueue` and decoding `W
 thread, so the event loop stays free (health checks answer during heavy work) and one busy
 model does not hold up another. Every request goes through `Translator.translate_lines`,
 so the server translates exactly as `nmt translate` does with the same options. The HTTP
-layer (`nmt.serve`) only parses requests and shapes responses; `ServeError` carries the
+layer (`nmt.serve.app`) only parses requests and shapes responses; `ServeError` carries the
 status each refusal deserves.
 """
 
@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import torch
 
-from nmt.batching import BatchQueue, Closed, Job, Overloaded, Worker
 from nmt.checkpoint import load_checkpoint
 from nmt.config import DecodeConfig
 from nmt.data import encode_source
@@ -30,6 +29,7 @@ from nmt.errors import NmtError
 from nmt.io import check_readable
 from nmt.precision import Precision
 from nmt.search import check_options
+from nmt.serve.queue import BatchQueue, Closed, Job, Overloaded, Worker
 from nmt.tokenizer import Tokenizer
 from nmt.translate import LineResult, Translator
 

@@ -10,7 +10,7 @@ import pytest
 
 from nmt.errors import NmtError
 from nmt.export import export_checkpoint
-from nmt.service import (
+from nmt.serve.service import (
     Limits,
     Pair,
     ServeError,

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 
 import pytest
 
-from nmt.batching import BatchQueue, Closed, Job, Overloaded, Worker
+from nmt.serve.queue import BatchQueue, Closed, Job, Overloaded, Worker
 
 
 def job(text: str, options: Hashable = "greedy", tokens: int = 1) -> Job:
