@@ -51,14 +51,15 @@ class Server:
 
 
 @contextmanager
-def running_server(model: Path, tmp_path: Path, *options: str, pair: str | None = "en-de") -> Iterator[Server]:
+def running_server(model: Path, tmp_path: Path, *options: str, pair: str | None = "en-de",
+                   **popen: Any) -> Iterator[Server]:
     """Start `nmt serve` on a port the OS picks, wait until /health says ready, stop it afterwards."""
     log = tmp_path / f"serve-{time.monotonic_ns()}.log"
     pairs = ["--pair", pair] if pair else []
     with open(log, "wb") as sink:
         process = subprocess.Popen([str(NMT), "serve", "-m", str(model), *pairs, "--host", "127.0.0.1",
                                     "--port", "0", *CPU, *options], stdout=sink, stderr=subprocess.STDOUT,
-                                   env={k: v for k, v in os.environ.items() if k != "NMT_DEBUG"})
+                                   env={k: v for k, v in os.environ.items() if k != "NMT_DEBUG"}, **popen)
     server = Server(process, "", log)
     try:
         deadline = time.monotonic() + 60
@@ -169,7 +170,7 @@ def test_a_line_beyond_the_models_positions_is_truncated_with_a_warning(server: 
     ({"q": "a", "source": "en", "target": "de", "alternatives": -1}, "alternatives:"),
     ({"q": "a", "source": "en", "target": "de", "format": "html"}, "format: only 'text' is supported"),
     ({"q": "a", "source": "en", "target": "de", "beam": 2, "nbest": 3}, "nbest 3 is larger than the beam size 2"),
-    ({"q": "a", "source": "en", "target": "de", "beam": 100}, "limited to 32"),
+    ({"q": "a", "source": "en", "target": "de", "beam": 100}, "beam: at most 32 on this server, got 100"),
     ({"q": "a", "source": "en", "target": "fr"}, "no model for en-fr; this server translates en-de, de-en"),
 ])
 def test_bad_requests_are_400_with_one_error_and_disturb_nothing(server: Server, body: Any, message: str) -> None:
@@ -262,8 +263,21 @@ def test_64_concurrent_clients_get_their_own_translations(server: Server) -> Non
     assert health and max(health) < 2.0, health
 
 
+def refuses_connections(url: str) -> bool:
+    """True once a new connection is refused (within 10 s); never a request answered on one."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/languages", timeout=5)
+        except httpx.ConnectError:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 async def terminate_under_load(server: Server, count: int) -> list[tuple[str, httpx.Response]]:
-    """Send `count` requests, SIGTERM the server once each is answered or queued, and collect every response."""
+    """Send `count` requests, SIGTERM the server once each is answered or queued, check that new connections
+    are refused meanwhile, and collect every response."""
     async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=count)) as client:
         async def one(n: int) -> tuple[str, httpx.Response]:
             text = distinct_text(n, n % 20)
@@ -278,6 +292,7 @@ async def terminate_under_load(server: Server, count: int) -> list[tuple[str, ht
                 break
             await asyncio.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
+        assert refuses_connections(server.url)
         return await asyncio.wait_for(asyncio.gather(*tasks), 60)
 
 
@@ -331,7 +346,7 @@ def test_command_line_errors_are_one_line(copy_model: Path, tmp_path: Path, monk
         port = taken.getsockname()[1]
         result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de", "--port", str(port), *CPU])
     assert result.exit_code == 1 and result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
-    monkeypatch.setitem(sys.modules, "nmt.serve.app", None)  # as if FastAPI and uvicorn were not installed
+    monkeypatch.setitem(sys.modules, "nmt.serve.server", None)  # as if FastAPI and uvicorn were not installed
     result = runner.invoke(app, ["serve", "-m", str(copy_model), "--pair", "en-de"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'nmt[serve]'" in result.output
@@ -364,7 +379,7 @@ def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path: Pat
 def test_accepted_connections_send_without_waiting_for_acks() -> None:
     """TCP_NODELAY on the server's connections: without it each response on a kept-alive
     connection waited for the client's delayed ACK (about 40 ms a request)."""
-    from nmt.serve.app import bind
+    from nmt.serve.server import bind
 
     async def accepted_nodelay() -> int:
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()

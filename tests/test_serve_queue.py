@@ -1,23 +1,23 @@
-"""The dynamic batching queue without HTTP: grouping, order, token bound, waiting, overload, shutdown."""
+"""The dynamic batching queue without HTTP: grouping, order, token bound, waiting, overload, shutdown, turns."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import pytest
 
-from nmt.serve.queue import BatchQueue, Closed, Job, Overloaded, Worker
+from nmt.serve.queue import BatchQueue, Closed, Expired, Job, Overloaded, Slice, Turns, Worker
 
 
 def job(text: str, options: Hashable = "greedy", tokens: int = 1) -> Job:
-    return Job([text], options, tokens)
+    return Job([text], options, [tokens])
 
 
-def texts(batch: list[Job] | None) -> list[str]:
+def texts(batch: list[Slice] | None) -> list[str]:
     assert batch is not None
-    return [line for j in batch for line in j.lines]
+    return [line for piece in batch for line in piece.lines]
 
 
 def test_batches_hold_equal_options_in_arrival_order() -> None:
@@ -113,7 +113,7 @@ def test_abandon_fails_waiting_and_running_jobs_once() -> None:
     running, waiting = job("a"), job("b")
     queue.put(running)
     queue.put(waiting)
-    assert queue.next_batch() == [running]
+    assert queue.next_batch() == [Slice(running, 0, 1)]
     assert queue.abandon(Closed("bye")) == 2
     for j in (running, waiting):
         with pytest.raises(Closed, match="bye"):
@@ -125,11 +125,11 @@ def test_worker_gives_each_job_its_own_results_in_order() -> None:
     queue = BatchQueue(max_tokens=100, max_wait=0.2, max_queue=100)
     seen: list[tuple[Hashable, list[str]]] = []
 
-    def translate(options: Hashable, lines: list[str]) -> list[str]:
+    def translate(options: Hashable, lines: list[str], should_stop: object) -> list[str]:
         seen.append((options, lines))
         return [f"{options}:{line.upper()}" for line in lines]
 
-    jobs = [Job([f"{i}a", f"{i}b"], i % 2, 2) for i in range(6)]
+    jobs = [Job([f"{i}a", f"{i}b"], i % 2, [1, 1]) for i in range(6)]
     for j in jobs:
         queue.put(j)
     worker = Worker(queue, translate)
@@ -144,7 +144,7 @@ def test_worker_gives_each_job_its_own_results_in_order() -> None:
 def test_a_failing_batch_fails_its_own_jobs_only() -> None:
     queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=100)
 
-    def translate(options: Hashable, lines: list[str]) -> list[str]:
+    def translate(options: Hashable, lines: list[str], should_stop: object) -> list[str]:
         if options == "bad":
             raise ValueError("broken model")
         return lines
@@ -159,3 +159,99 @@ def test_a_failing_batch_fails_its_own_jobs_only() -> None:
     assert good.future.result(timeout=5) == ["y"]
     queue.close()
     worker.join(5)
+
+
+def test_a_long_job_takes_turns_in_slices_so_a_short_one_waits_for_one_slice_only() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=10, max_slice=4)
+    long = Job([f"l{i}" for i in range(5)], "beam 32", tokens=[1] * 5, work=[2, 2, 2, 2, 9])
+    queue.put(long)
+    first = queue.next_batch()
+    assert texts(first) == ["l0", "l1"]  # work 4: the slice is full
+    short = job("s", "beam 5")
+    queue.put(short)  # arrives while the first slice runs
+    queue.done(first or [])
+    assert taken(queue) == ["s"]  # the rest of the long job went to the end of the queue
+    assert taken(queue) == ["l2", "l3"]
+    assert taken(queue) == ["l4"]  # a line beyond the slice still runs, alone
+    assert len(queue) == 0 and long.taken == 5
+
+
+def test_the_worker_joins_a_jobs_slices_in_order() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=10, max_slice=2)
+    long = Job([f"l{i}" for i in range(5)], "o", tokens=[1] * 5)
+    calls: list[list[str]] = []
+
+    def translate(options: Hashable, lines: list[str], should_stop: object) -> list[str]:
+        calls.append(lines)
+        return [line.upper() for line in lines]
+
+    queue.put(long)
+    worker = Worker(queue, translate)
+    worker.start()
+    assert long.future.result(timeout=5) == ["L0", "L1", "L2", "L3", "L4"]
+    assert calls == [["l0", "l1"], ["l2", "l3"], ["l4"]]
+    queue.close()
+    worker.join(5)
+
+
+def test_a_job_whose_client_gave_up_gets_no_further_slice() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=10, max_slice=1)
+    long = Job(["a", "b", "c"], "o", tokens=[1, 1, 1])
+    queue.put(long)
+    first = queue.next_batch()
+    assert texts(first) == ["a"]
+    long.deadline = 0.0  # its timeout passed while the slice ran
+    queue.done(first or [])
+    assert len(queue) == 0
+    with pytest.raises(Expired):
+        long.future.result(timeout=1)
+    waiting = job("w")
+    waiting.deadline = 0.0
+    queue.put(waiting)
+    queue.put(job("x"))
+    assert texts(queue.next_batch()) == ["x"]  # the expired one is dropped, not run
+    assert isinstance(waiting.future.exception(timeout=1), Expired)
+
+
+def test_should_stop_once_every_client_of_the_batch_gave_up() -> None:
+    queue = BatchQueue(max_tokens=100, max_wait=0, max_queue=10)
+    a, b = job("a"), job("b")
+    queue.put(a)
+    queue.put(b)
+    batch = queue.next_batch()
+    assert batch is not None
+    answers = []
+
+    def translate(options: Hashable, lines: list[str], should_stop: Callable[[], bool]) -> list[str]:
+        answers.append(should_stop())
+        a.deadline = 0.0
+        answers.append(should_stop())  # b still waits
+        b.deadline = 0.0
+        answers.append(should_stop())
+        raise Expired("stopped between two decoding steps")
+
+    Worker(queue, translate).run_batch(batch)
+    assert answers == [False, False, True]
+    assert all(isinstance(j.future.exception(timeout=1), Expired) for j in (a, b))
+    assert len(queue) == 0
+
+
+def test_a_long_batch_passes_the_turn_between_two_steps_to_a_short_one_that_waits() -> None:
+    turns, order = Turns(), []
+
+    def short_batch() -> None:
+        with turns:
+            order.append("short")
+
+    with turns:  # this thread is the long requests' worker, between two decoding steps
+        order.append("long step 1")
+        turns.pass_turn()  # nobody waits: it keeps the turn
+        short = threading.Thread(target=short_batch)
+        short.start()
+        deadline = time.monotonic() + 10
+        while not turns.waiting() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        turns.pass_turn()  # the short batch runs now, whole
+        order.append("long step 2")
+    short.join(10)
+    assert order == ["long step 1", "short", "long step 2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,18 +11,9 @@ import pytest
 
 from nmt.errors import NmtError
 from nmt.export import export_checkpoint
-from nmt.serve.service import (
-    Limits,
-    Pair,
-    ServeError,
-    Service,
-    TranslateRequest,
-    parse_pair,
-    resolve_pairs,
-    serving_threads,
-    split_lines,
-    stored_pair,
-)
+from nmt.serve.pairs import Pair, parse_pair, resolve_pairs, stored_pair
+from nmt.serve.queue import Expired
+from nmt.serve.service import Limits, ServeError, Service, TranslateRequest, serving_threads, split_lines
 from tests.conftest import make_parallel
 
 SOURCES = make_parallel(4, seed=5)[0]
@@ -55,11 +47,14 @@ def test_a_malformed_pair_is_refused(text: str) -> None:
         parse_pair(text)
 
 
-def test_limits_must_be_positive() -> None:
+def test_limits_must_be_positive_and_finite() -> None:
     with pytest.raises(NmtError, match="--max-sentences 0, --timeout -1"):
         Limits(max_sentences=0, timeout=-1).check()
-    with pytest.raises(NmtError, match="--max-wait-ms must be >= 0"):
-        Limits(max_wait_ms=-1).check()
+    with pytest.raises(NmtError, match="--timeout inf, --max-work 0"):
+        Limits(timeout=math.inf, max_work=0).check()
+    for wait in (-1, math.inf, math.nan, 60_001):
+        with pytest.raises(NmtError, match=r"--max-wait-ms must be between 0 and 60000 \(a minute\), got "):
+            Limits(max_wait_ms=wait).check()
 
 
 def test_serving_threads_leave_a_core_to_http_and_share_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,7 +77,7 @@ def service(copy_model: Path) -> Iterator[Service]:
     yield served
     served.drain()
     served.join(30)
-    assert not any(model.worker.is_alive() for model in served.models.values())
+    assert not any(worker.is_alive() for model in served.models.values() for worker in model.workers)
 
 
 def test_options_are_complete_keys_and_alternatives_grow_the_default_beam(service: Service) -> None:
@@ -97,8 +92,41 @@ def test_options_are_complete_keys_and_alternatives_grow_the_default_beam(servic
     with pytest.raises(ServeError, match="nbest 3 is larger than the beam size 2") as refused:
         options(beam=2, alternatives=2)  # an explicit beam is the client's to keep
     assert refused.value.status == 400
-    with pytest.raises(ServeError, match="limited to 32"):
-        options(nbest=33)
+    for field, value, most in (("nbest", 33, 32), ("beam", 100, 32), ("alternatives", 10**9, 31), ("alpha", 1e3, 10)):
+        with pytest.raises(ServeError, match=f"^{field}: at most {most} on this server, got {value}$"):
+            options(**{field: value})
+
+
+def test_a_requests_work_is_its_lines_output_limits_times_the_beam(service: Service) -> None:
+    model = service.models[Pair("en", "de")]
+    decode = model.engine.decode  # type: ignore[union-attr]
+    lines = [SOURCES[0], "", " ".join([SOURCES[1]] * 20)]  # the last beyond the model's 64 positions
+    tokens, work = model.measure(lines, model.options(TranslateRequest([], "en", "de", beam=3)))
+    assert tokens[1] == 1 and tokens[2] == 64  # an empty line is its EOS; a long one is cut as translation cuts it
+    assert work == [3 * min(64, math.floor(decode.max_len_a * tokens[0] + decode.max_len_b)), 0, 3 * 64]
+    small = Service([], [], Limits(max_work=10))
+    small.models, small.ready = service.models, service.ready
+    with pytest.raises(ServeError, match=f"needs up to {work[0]} decoding steps × beams .* the limit is 10") as big:
+        asyncio.run(small.translate(TranslateRequest([SOURCES[0]], "en", "de", beam=3)))
+    assert big.value.status == 413
+
+
+def test_a_search_stops_at_the_step_after_every_client_gave_up(service: Service) -> None:
+    """The worker's `should_stop` is asked before each decoding step; until it says so, outputs are unchanged."""
+    model = service.models[Pair("en", "de")]
+    options = model.options(TranslateRequest([], "en", "de", beam=2))
+    asked = []
+
+    def never() -> bool:
+        asked.append(False)
+        return False
+
+    assert [r.best.text for r in model.translate(options, SOURCES, never)] == SOURCES
+    steps = len(asked)
+    assert steps > 3
+    with pytest.raises(Expired):
+        model.translate(options, SOURCES, lambda: len(asked) >= steps + 3 or bool(asked.append(False)))
+    assert len(asked) == steps + 3  # three steps ran, the fourth was not taken
 
 
 def test_requests_are_translated_per_text_and_line(service: Service) -> None:

@@ -2,7 +2,10 @@
 
 Each model serves one language pair through its own `BatchQueue` and decoding `Worker`
 thread, so the event loop stays free (health checks answer during heavy work) and one busy
-model does not hold up another. Every request goes through `Translator.translate_lines`,
+model does not hold up another. Work is bounded before it starts: a request's decoding work
+(each line's output limit × the search's rows) is capped by `Limits.max_work`, long requests
+take turns with short ones in slices of `Limits.slice_work`, and a batch whose clients all
+gave up stops at its next decoding step. Every request goes through `Translator.translate_lines`,
 so the server translates exactly as `nmt translate` does with the same options. The HTTP
 layer (`nmt.serve.app`) only parses requests and shapes responses; `ServeError` carries the
 status each refusal deserves.
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,24 +26,19 @@ from typing import Any, Protocol
 
 import torch
 
-from nmt.checkpoint import load_checkpoint
 from nmt.config import DecodeConfig
-from nmt.data import encode_source
-from nmt.data.sources import LANGUAGE_CODE
+from nmt.data import encode_source, pad_sources
 from nmt.errors import NmtError
 from nmt.io import check_readable
 from nmt.precision import Precision
-from nmt.search import check_options
-from nmt.serve.queue import BatchQueue, Closed, Job, Overloaded, Worker
+from nmt.search import check_options, max_output_lengths
+from nmt.serve.pairs import LANGUAGE_NAMES, Pair
+from nmt.serve.queue import BatchQueue, Closed, Expired, Job, Overloaded, Turns, Worker
 from nmt.tokenizer import Tokenizer
 from nmt.translate import LineResult, Translator
 
 MAX_BEAM = 32  # a request's beam (or nbest) beyond this would hold a worker for everyone else
-LANGUAGE_NAMES = dict(pair.split(":") for pair in (
-    "ar:Arabic bg:Bulgarian ca:Catalan cs:Czech da:Danish de:German el:Greek en:English es:Spanish et:Estonian "
-    "fa:Persian fi:Finnish fr:French ga:Irish he:Hebrew hi:Hindi hu:Hungarian id:Indonesian it:Italian ja:Japanese "
-    "ko:Korean lt:Lithuanian lv:Latvian nl:Dutch no:Norwegian pl:Polish pt:Portuguese ro:Romanian ru:Russian "
-    "sk:Slovak sl:Slovenian sv:Swedish th:Thai tr:Turkish uk:Ukrainian vi:Vietnamese zh:Chinese").split())
+MAX_ALPHA = 10.0  # a request's length penalty exponent (papers use 0.6-1); far larger ones overflow the penalty
 
 
 class ServeError(NmtError):
@@ -49,49 +49,6 @@ class ServeError(NmtError):
         self.status, self.retry_after = status, retry_after
 
 
-@dataclass(frozen=True)
-class Pair:
-    source: str
-    target: str
-
-    def __str__(self) -> str:
-        return f"{self.source}-{self.target}"
-
-
-def parse_pair(text: str) -> Pair:
-    """'en-de' -> Pair('en', 'de')."""
-    parts = text.split("-")
-    if len(parts) != 2 or not all(LANGUAGE_CODE.fullmatch(part) for part in parts):
-        raise NmtError(f"--pair must look like en-de (source-target language codes), got {text!r}")
-    return Pair(parts[0], parts[1])
-
-
-def stored_pair(path: Path) -> Pair | None:
-    """The language codes `nmt prepare` stored, carried by the checkpoint (or the export's nmt.json)."""
-    if path.is_dir():
-        from nmt.export import ExportedModel  # only the manifest: ctranslate2 is not needed to read it
-
-        languages = ExportedModel(path).languages
-    else:
-        languages = load_checkpoint(path).languages
-    return Pair(*languages) if languages else None
-
-
-def resolve_pairs(models: Sequence[Path], pairs: Sequence[str],
-                  stored: Callable[[Path], Pair | None] = stored_pair) -> list[Pair]:
-    """One pair per model: `--pair` in order, else the checkpoint's own codes; each pair served once."""
-    if pairs and len(pairs) != len(models):
-        raise NmtError(f"give one --pair per --model: {len(models)} model(s), {len(pairs)} pair(s)")
-    found = [parse_pair(p) for p in pairs] if pairs else [stored(path) for path in models]
-    for path, pair in zip(models, found, strict=True):
-        if pair is None:
-            raise NmtError(f"{path} stores no language codes; say which pair it serves with --pair src-tgt")
-    resolved = [pair for pair in found if pair is not None]
-    if len(set(resolved)) != len(resolved):
-        raise NmtError(f"each language pair can be served by one model only, got {', '.join(map(str, resolved))}")
-    return resolved
-
-
 class Engine(Protocol):
     """What the server needs of a model: `Translator`, or `CT2Translator` over a folder from `nmt export`."""
 
@@ -100,6 +57,7 @@ class Engine(Protocol):
     buffer_lines: int
     src_tokenizer: Tokenizer
     precision: Precision
+    max_source_tokens: int | None
 
     def translate_lines(self, lines: Iterable[str], first_line: int = 1) -> Iterator[LineResult]: ...
 
@@ -148,14 +106,17 @@ class Limits:
     max_wait_ms: float = 5.0  # how long the oldest request waits for company, while requests overlap
     max_queue: int = 256  # requests waiting per model (503 beyond)
     timeout: float = 30.0  # seconds a request may take, queueing included (504 beyond)
+    max_work: int = 200_000  # decoding work of one request: its lines' output limits x beam (413 beyond)
+    slice_work: int = 4_096  # a longer request is translated in slices of this much, beside the short ones
 
     def check(self) -> None:
         numbers = {"max-sentences": self.max_sentences, "max-chars": self.max_chars, "timeout": self.timeout,
-                   "max-batch-tokens": self.max_batch_tokens, "max-queue": self.max_queue}
-        if bad := [f"--{name} {value}" for name, value in numbers.items() if not value > 0]:
-            raise NmtError(f"limits must be positive, got {', '.join(bad)}")
-        if not self.max_wait_ms >= 0:
-            raise NmtError(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+                   "max-batch-tokens": self.max_batch_tokens, "max-queue": self.max_queue,
+                   "max-work": self.max_work, "slice-work": self.slice_work}
+        if bad := [f"--{name} {value}" for name, value in numbers.items() if not 0 < value < math.inf]:
+            raise NmtError(f"limits must be positive finite numbers, got {', '.join(bad)}")
+        if not 0 <= self.max_wait_ms <= 60_000:  # also refuses nan and inf (with which every request timed out)
+            raise NmtError(f"--max-wait-ms must be between 0 and 60000 (a minute), got {self.max_wait_ms}")
 
 
 @dataclass
@@ -172,17 +133,33 @@ class TranslateRequest:
 
 
 class ServedModel:
-    """One model with its pair, queue and worker; `engine` is None until loaded."""
+    """One model with its pair, two queues and their workers; `engine` is None until loaded.
+
+    Requests of at most `slice_work` go to the short queue, longer ones to the long queue, where
+    they take turns in slices; the long queue's worker passes the CPU to the short one between
+    any two decoding steps (`Turns`), so a short request is translated while a long one runs.
+    """
 
     def __init__(self, path: Path, pair: Pair, limits: Limits) -> None:
         self.path, self.pair, self.limits = path, pair, limits
-        self.queue = BatchQueue(limits.max_batch_tokens, limits.max_wait_ms / 1000, limits.max_queue)
-        self.worker = Worker(self.queue, self.translate, name=f"nmt-worker-{pair}")
+        self.short, self.long = (BatchQueue(limits.max_batch_tokens, limits.max_wait_ms / 1000, limits.max_queue,
+                                            limits.slice_work) for _ in range(2))
+        turns = Turns()
+        self.workers = [Worker(self.short, self.translate, turns, yields=False, name=f"nmt-worker-{pair}-short"),
+                        Worker(self.long, self.translate, turns, yields=True, name=f"nmt-worker-{pair}-long")]
         self.engine: Engine | None = None
+
+    @property
+    def queues(self) -> tuple[BatchQueue, BatchQueue]:
+        return self.short, self.long
 
     def load(self, device: str, precision: str) -> None:
         self.engine = load_engine(self.path, device, precision)
-        self.worker.start()
+        for worker in self.workers:
+            worker.start()
+
+    def put(self, job: Job) -> None:
+        (self.short if sum(job.work) <= self.limits.slice_work else self.long).put(job)
 
     def options(self, request: TranslateRequest) -> Hashable:
         """The request's decoding options, complete and checked: the key batches are grouped by.
@@ -194,8 +171,13 @@ class ServedModel:
         base = self.engine.decode
         nbest = max(request.nbest or 1, request.alternatives + 1)
         beam = request.beam or (base.beam if base.sampling else max(base.beam, nbest))
-        if beam > MAX_BEAM or nbest > MAX_BEAM:
-            raise ServeError(400, f"beam and nbest are limited to {MAX_BEAM} on this server")
+        bounds = {"beam": MAX_BEAM, "nbest": MAX_BEAM, "alternatives": MAX_BEAM - 1, "alpha": MAX_ALPHA}
+        for name, most in bounds.items():
+            if (value := getattr(request, name)) is not None and value > most:
+                raise ServeError(400, f"{name}: at most {most:g} on this server, got {value}")
+        if beam > MAX_BEAM:  # the model's own default
+            raise ServeError(400, f"beam: the model's default beam {beam} is beyond this server's limit of "
+                                  f"{MAX_BEAM}; ask for a smaller one")
         alpha = base.alpha if request.alpha is None else request.alpha
         try:
             check_options(replace(base, beam=beam, nbest=nbest, alpha=alpha))
@@ -203,19 +185,53 @@ class ServedModel:
             raise ServeError(400, str(exc)) from None
         return (("alpha", alpha), ("beam", beam), ("nbest", nbest))
 
-    def tokens(self, lines: Sequence[str]) -> int:
+    def decoding(self, options: Hashable) -> DecodeConfig:
         assert self.engine is not None
-        return sum(len(encode_source(self.engine.src_tokenizer, line)) for line in lines)
+        return replace(self.engine.decode, **dict(options))  # type: ignore[call-overload]
 
-    def translate(self, options: Hashable, lines: list[str]) -> list[LineResult]:
-        """The worker's call: the whole batch through `translate_lines` at once (one length sort)."""
+    def measure(self, lines: Sequence[str], options: Hashable) -> tuple[list[int], list[int]]:
+        """Each line's source tokens, and its decoding work: its output limit (the steps the search may take,
+        from `max_len_a`, `max_len_b` and the model's positions) × the search's rows (beam, or samples)."""
+        assert self.engine is not None
+        limit = self.engine.max_source_tokens
+        ids = [encode_source(self.engine.src_tokenizer, line)[:limit] for line in lines]
+        tokens = [len(one) for one in ids]
+        if not ids:
+            return tokens, []
+        decode = self.decoding(options)
+        steps = max_output_lengths(pad_sources(ids)[1], decode, limit).tolist()
+        rows = decode.nbest if decode.sampling else decode.beam
+        return tokens, [rows * step if count > 1 else 0 for step, count in zip(steps, tokens, strict=True)]
+
+    def translate(self, options: Hashable, lines: list[str], should_stop: Callable[[], bool]) -> list[LineResult]:
+        """The worker's call: the whole batch through `translate_lines` at once (one length sort); it stops
+        before the next decoding step once `should_stop()` (CTranslate2, which has no step hook: at the end)."""
         assert self.engine is not None
         variant = copy.copy(self.engine)  # shares the model; only the options differ
-        variant.decode = replace(self.engine.decode, **dict(options))  # type: ignore[arg-type]
+        variant.decode = self.decoding(options)
         rows = variant.decode.nbest if variant.decode.sampling else variant.decode.beam
         variant.batch_tokens = self.limits.max_batch_tokens * rows
         variant.buffer_lines = max(1, len(lines))
+        if isinstance(getattr(variant, "model", None), torch.nn.Module):
+            variant.model = SteppedDecoder(variant.model, should_stop)
         return list(variant.translate_lines(lines))
+
+
+class SteppedDecoder:
+    """A model that asks `should_stop()` before each decoding step (where the worker may also let another
+    batch take a turn) and raises `Expired` if so: the search, written against the `Decoder` protocol,
+    is shared or abandoned between two steps, its results unchanged."""
+
+    def __init__(self, model: torch.nn.Module, should_stop: Callable[[], bool]) -> None:
+        self.model, self.should_stop = model, should_stop
+
+    def __getattr__(self, name: str) -> Any:  # encode, init_state, reorder_state, max_positions: the model's own
+        return getattr(self.model, name)
+
+    def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        if self.should_stop():
+            raise Expired("every client of the batch stopped waiting")
+        return self.model.step(tokens, state)
 
 
 class Service:
@@ -261,9 +277,15 @@ class Service:
             raise ServeError(503, "the model is still loading", retry_after=5)
         line_counts, lines = split_lines(request.texts)
         self._check_size(lines)
-        job = Job(lines, model.options(request), model.tokens(lines))
+        options = model.options(request)
+        tokens, work = model.measure(lines, options)
+        if sum(work) > self.limits.max_work:
+            raise ServeError(413, f"this request needs up to {sum(work)} decoding steps × beams (its lines' output "
+                                  f"limits × beam); the limit is {self.limits.max_work}: send fewer lines or a "
+                                  f"smaller beam")
+        job = Job(lines, options, tokens, work, deadline=time.monotonic() + self.limits.timeout)
         try:
-            model.queue.put(job)
+            model.put(job)
         except Overloaded as exc:
             raise ServeError(503, f"server overloaded: {exc}", retry_after=1) from None
         except Closed as exc:
@@ -288,17 +310,19 @@ class Service:
     def drain(self) -> None:
         """Shutdown, step one: refuse new requests (503); the queued ones are still translated."""
         for model in self.models.values():
-            model.queue.close()
+            for queue in model.queues:
+                queue.close()
 
     def abandon(self) -> int:
         """Shutdown, step two (the grace period is over): every unfinished request gets 503."""
         error = ServeError(503, "the server shut down before this request was translated")
-        return sum(model.queue.abandon(error) for model in self.models.values())
+        return sum(queue.abandon(error) for model in self.models.values() for queue in model.queues)
 
     def join(self, timeout: float) -> None:
         for model in self.models.values():
-            if model.worker.is_alive():
-                model.worker.join(timeout)
+            for worker in model.workers:
+                if worker.is_alive():
+                    worker.join(timeout)
 
 
 def split_lines(texts: Sequence[str]) -> tuple[list[int], list[str]]:
