@@ -59,9 +59,11 @@ def library_rows(args: argparse.Namespace, sentences: list[str]) -> list[dict[st
     ]
 
 
-def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(args: argparse.Namespace, log: Path, *options: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`nmt serve` on a free loopback port (with more `options`), once it answers /health; and its URL."""
     command = [str(Path(sys.executable).with_name("nmt")), "serve", "-m", str(args.model), "--pair", args.pair,
-               "--port", "0", "--device", "cpu", "--precision", args.precision, "--threads", str(args.threads)]
+               "--port", "0", "--device", "cpu", "--precision", args.precision, "--threads", str(args.threads),
+               *options]
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not (found := re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text())):
