@@ -43,8 +43,8 @@ def serve(
         help="Decoding work of one request: its lines' output limits (max-len-a × source tokens + max-len-b) × "
              "beam; beyond it 413.")] = LIMITS.max_work,
     slice_work: Annotated[int, typer.Option(
-        help="Decoding work a request gets before the requests behind it get a turn (long requests are "
-             "translated in slices).")] = LIMITS.slice_work,
+        help="A request of more decoding work is translated in slices of this much, on a second thread that "
+             "lets shorter requests through between any two decoding steps.")] = LIMITS.slice_work,
     grace: Annotated[float, typer.Option(
         help="Seconds queued requests get to finish after SIGTERM/SIGINT; then 503.")] = LISTEN.grace,
     max_connections: Annotated[int, typer.Option(
@@ -59,7 +59,7 @@ def serve(
     key_rate: Annotated[int, typer.Option(
         help="Requests a minute each API key may make (0: no limit); beyond it 429.")] = 0,
     cors_origins: Annotated[list[str] | None, typer.Option(
-        help="Web origin allowed to call the server from a page (CORS), e.g. https://example.org; "
+        metavar="ORIGIN", help="Web origin allowed to call the server from a page (CORS), e.g. https://example.org; "
              "repeat for more.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option(

@@ -45,10 +45,6 @@ class TranslateBody(BaseModel):
     api_key: str = ""  # checked only where the server was given --api-keys
 
 
-class Disconnected(ServeError):
-    """The client went away before its request arrived whole (nobody reads the answer)."""
-
-
 def media_type(request: Request) -> str:
     """The request's content type if the server accepts it, else 415."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -70,7 +66,7 @@ async def read_raw(request: Request, max_chars: int, timeout: float) -> bytes:
     except TimeoutError:
         raise ServeError(408, f"the request body did not arrive within {timeout:g} s") from None
     except ClientDisconnect:
-        raise Disconnected(400, "the client disconnected before sending its whole request") from None
+        raise ServeError(400, "the client disconnected before sending its whole request") from None
     return bytes(raw)
 
 
