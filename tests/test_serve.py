@@ -79,7 +79,10 @@ def running_server(model: Path, tmp_path: Path, *options: str, pair: str | None 
 @pytest.fixture(scope="module")
 def server(copy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     second = ["-m", str(copy_model), "--pair", "de-en"]  # two models, two workers
-    with running_server(copy_model, tmp_path_factory.mktemp("serve"), *second) as started:
+    # a kept-alive connection idle for --idle-timeout is closed by the server; a client reusing it at that
+    # very moment gets "Server disconnected" (HTTP's keep-alive race): on a loaded machine the 64 clients'
+    # pool holds connections idle that long, so the timeout here is longer than the test
+    with running_server(copy_model, tmp_path_factory.mktemp("serve"), *second, "--idle-timeout", "300") as started:
         yield started
 
 
