@@ -118,4 +118,4 @@ def output_layer(config: ModelConfig, dim: int, tgt_embed: nn.Embedding) -> nn.L
 
 def log_probs(logits: Tensor) -> Tensor:
     """Log-softmax in float32 whatever the autocast dtype, so beam scores do not drift."""
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)

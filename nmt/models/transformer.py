@@ -1,11 +1,15 @@
 """The encoder-decoder Transformer of "Attention Is All You Need", with a key/value cache.
 
 Attention runs through `scaled_dot_product_attention`, so the fused kernels of
-the installed torch are used. Incremental decoding keeps, per decoder layer, the
-self-attention keys/values of the tokens seen so far (one tensor per layer,
-grown by concatenation) and the cross-attention keys/values of the source
-(one tensor for all layers, computed once in `init_state`); every state tensor
-has the batch first, so `reorder_state` is one `index_select` per tensor.
+the installed torch are used. Incremental decoding keeps the self-attention
+keys/values of every decoder layer in one preallocated tensor (room for `GROW`
+more tokens at a time, written in place: a step copies nothing it already has)
+and the cross-attention keys/values of the source (one tensor for all layers,
+computed once in `init_state`); every state tensor has the batch first, so
+`reorder_state` (a beam's back-pointers) is one `index_select` per tensor. At
+d_model 256 a decoding step is bound by the number of operators it dispatches,
+not by arithmetic, so the step path (`Transformer.step`) is written for one
+token: no head permutes, no dropout calls in eval mode, masks built once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from torch import Tensor, nn
 from nmt.config import ModelConfig
 from nmt.errors import NmtError
 from nmt.models.common import Embeddings, Seq2Seq, State, check_choice, log_probs, output_layer
+
+GROW = 8  # positions added to the self-attention cache when it is full
 
 
 def split_heads(x: Tensor, parts: int, heads: int) -> Tensor:
@@ -48,20 +54,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: Tensor, mask: Tensor | None = None, causal: bool = False, cache: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """x (B, T, D); mask (B, 1, 1, T) True at keys to attend; cache (B, 2, H, t, Dh) of earlier tokens.
-
-        Returns the output (B, T, D) and the keys/values of all tokens so far (B, 2, H, t+T, Dh).
-        """
+    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x (B, T, D); mask (B, 1, 1, T) True at keys to attend -> (B, T, D)."""
         qkv = split_heads(self.qkv(x), 3, self.heads)  # (B, 3, H, T, Dh)
-        kv = qkv[:, 1:] if cache is None else torch.cat([cache, qkv[:, 1:]], dim=3)  # (B, 2, H, t+T, Dh)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(
-            qkv[:, 0], kv[:, 0], kv[:, 1], attn_mask=mask, dropout_p=dropout, is_causal=causal
+            qkv[:, 0], qkv[:, 1], qkv[:, 2], attn_mask=mask, dropout_p=dropout, is_causal=causal
         )  # (B, H, T, Dh)
-        return self.out(merge_heads(out)), kv
+        return self.out(merge_heads(out))
+
+    def step(self, x: Tensor, slot: Tensor, window: Tensor) -> Tensor:
+        """One new token x (B, D): its keys/values are written into `slot` (B, 2, H, 1, Dh), a view of the
+        cache, and it attends over `window` (B, 2, H, t+1, Dh), the cache up to and including it."""
+        qkv = self.qkv(x).view(x.size(0), 3, self.heads, 1, -1)  # (B, 3, H, 1, Dh): one token needs no permute
+        slot.copy_(qkv[:, 1:])
+        keys, values = window.unbind(1)
+        out = F.scaled_dot_product_attention(qkv[:, 0], keys, values)  # (B, H, 1, Dh)
+        return self.out(out.reshape(x.shape))
 
 
 class CrossAttention(nn.Module):
@@ -78,17 +87,27 @@ class CrossAttention(nn.Module):
         """memory (B, S, D) -> keys/values (B, 2, H, S, Dh), computed once per sentence."""
         return split_heads(self.kv(memory), 2, self.heads)
 
-    def forward(self, x: Tensor, kv: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, D), kv (B, 2, H, S, Dh), mask (B, 1, 1, S) -> output (B, T, D) and weights (B, H, T, S) if asked."""
+    def forward(self, x: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
+        """x (B, T, D), kv (B, 2, H, S, Dh), mask (B, 1, 1, S) -> (B, T, D)."""
         q = split_heads(self.q(x), 1, self.heads)[:, 0]  # (B, H, T, Dh)
+        out, _ = self.attend(q, *kv.unbind(1), mask)
+        return self.out(merge_heads(out))
+
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+             need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One new token x (B, D); keys and values (B, H, S, Dh) -> (B, D) and weights (B, H, 1, S) if asked."""
+        out, weights = self.attend(self.q(x).view(x.size(0), self.heads, 1, -1), keys, values, mask, need_weights)
+        return self.out(out.reshape(x.shape)), weights
+
+    def attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
+               need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """q (B, H, T, Dh) -> (B, H, T, Dh) and, if asked, the weights (B, H, T, S), computed explicitly."""
         dropout = self.dropout if self.training else 0.0
         if not need_weights:
-            out = F.scaled_dot_product_attention(q, kv[:, 0], kv[:, 1], attn_mask=mask, dropout_p=dropout)
-            return self.out(merge_heads(out)), None
-        scores = q @ kv[:, 0].transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout), None
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, H, T, S)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        out = F.dropout(weights, dropout, self.training) @ kv[:, 1]  # (B, H, T, Dh)
-        return self.out(merge_heads(out)), weights
+        return F.dropout(weights, dropout, self.training) @ values, weights
 
 
 class FeedForward(nn.Sequential):
@@ -100,6 +119,11 @@ class FeedForward(nn.Sequential):
             nn.Dropout(config.activation_dropout),
             nn.Linear(config.ffn_dim, config.d_model),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The layers in order; dropout only while training (in eval mode it is one more call that does nothing)."""
+        x = self[1](self[0](x))
+        return self[3](self[2](x) if self.training else x)
 
 
 class Residual(nn.Module):
@@ -117,7 +141,7 @@ class Residual(nn.Module):
 
     def add(self, x: Tensor, out: Tensor) -> Tensor:
         """The residual stream after the sub-layer produced `out`."""
-        x = x + self.dropout(out)
+        x = x + (self.dropout(out) if self.training else out)
         return x if self.pre else self.norm(x)
 
 
@@ -130,7 +154,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x (B, S, D), mask (B, 1, 1, S) -> (B, S, D)."""
-        x = self.res_attn.add(x, self.attn(self.res_attn.inp(x), mask=mask)[0])
+        x = self.res_attn.add(x, self.attn(self.res_attn.inp(x), mask=mask))
         return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x)))
 
 
@@ -142,19 +166,19 @@ class DecoderLayer(nn.Module):
         self.ffn = FeedForward(config)
         self.res_self, self.res_cross, self.res_ffn = Residual(config), Residual(config), Residual(config)
 
-    def forward(
-        self, x: Tensor, cross_kv: Tensor, mask: Tensor, cache: Tensor | None, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """x (B, T, D); without a cache T is the whole target (causal), with one T is 1 new token.
+    def forward(self, x: Tensor, cross_kv: Tensor, mask: Tensor) -> Tensor:
+        """Teacher forcing: x (B, T, D), the whole target (causal), cross_kv (B, 2, H, S, Dh) -> (B, T, D)."""
+        x = self.res_self.add(x, self.self_attn(self.res_self.inp(x), causal=True))
+        x = self.res_cross.add(x, self.cross_attn(self.res_cross.inp(x), cross_kv, mask))
+        return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x)))
 
-        Returns x (B, T, D), the self-attention keys/values so far and the cross-attention weights (B, H, T, S)
-        if asked.
-        """
-        out, kv = self.self_attn(self.res_self.inp(x), causal=cache is None, cache=cache)
-        x = self.res_self.add(x, out)
-        out, weights = self.cross_attn(self.res_cross.inp(x), cross_kv, mask, need_weights)
+    def step(self, x: Tensor, slot: Tensor, window: Tensor, cross_kv: Tensor, mask: Tensor,
+             need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """One new token x (B, D) (see `SelfAttention.step`) -> (B, D) and the cross-attention weights if asked."""
+        x = self.res_self.add(x, self.self_attn.step(self.res_self.inp(x), slot, window))
+        out, weights = self.cross_attn.step(self.res_cross.inp(x), *cross_kv.unbind(1), mask, need_weights)
         x = self.res_cross.add(x, out)
-        return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x))), kv, weights
+        return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x))), weights
 
 
 def sinusoids(length: int, dim: int) -> Tensor:
@@ -168,7 +192,7 @@ def sinusoids(length: int, dim: int) -> Tensor:
 
 
 class Transformer(Seq2Seq):
-    sentence_keys = frozenset({"src_mask", "cross_kv"})
+    sentence_keys = frozenset({"mask", "cross_kv"})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -223,7 +247,8 @@ class Transformer(Seq2Seq):
             positions = self.learned_positions.weight[offset:end]  # (T, D)
         else:
             positions = self.sinusoids[offset:end]
-        return self.dropout(embedded + positions)
+        x = embedded + positions
+        return self.dropout(x) if self.training else x
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """src (B, S), src_mask (B, S) -> memory (B, S, D)."""
@@ -240,44 +265,63 @@ class Transformer(Seq2Seq):
         mask = src_mask[:, None, None, :]
         x = self._with_positions(self.embed.target(tgt_in))
         for layer in self.decoder:
-            x = layer(x, layer.cross_attn.keys_values(memory), mask, cache=None)[0]
+            x = layer(x, layer.cross_attn.keys_values(memory), mask)
         x = self.decoder_norm(x)
         return x if features_only else self.output(x)
 
     def init_state(self, memory: Tensor, src_mask: Tensor, keep_attention: bool = False,
                    keep_heads: bool = False) -> State:
-        """Cross-attention keys/values of every layer, (B, L, 2, H, S, Dh), computed once.
+        """The decoder's state before its first token.
 
-        With `keep_attention`, each step stores its cross-attention weights (averaged over heads)
-        under "attention", (B, L, S); with `keep_heads` too, each head's under "attention_heads", (B, L, H, S).
+        "cross_kv": the cross-attention keys/values of every layer (B, L, 2, H, S, Dh), computed once;
+        "mask": the source mask as attention takes it (B, 1, 1, S); "self_kv": the self-attention cache
+        (B, L, 2, H, C, Dh) with room for C tokens; "length": how many it holds (a 0-dim tensor on the CPU,
+        so reading it never waits for a device). With `keep_attention`, each step stores its cross-attention
+        weights (averaged over heads) under "attention", (B, L, S); with `keep_heads` too, each head's under
+        "attention_heads", (B, L, H, S).
         """
+        c = self.config
         cross = torch.stack([layer.cross_attn.keys_values(memory) for layer in self.decoder], dim=1)
-        state = {"src_mask": src_mask, "cross_kv": cross}
+        kind = memory.device.type  # the cache holds what the projections give: autocast's dtype where it is on
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else cross.dtype
+        cache = memory.new_zeros(memory.size(0), len(self.decoder), 2, c.heads, GROW, c.d_model // c.heads,
+                                 dtype=dtype)
+        state = {"mask": src_mask[:, None, None, :], "cross_kv": cross, "self_kv": cache,
+                 "length": torch.tensor(0)}
         if keep_attention:
             state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
         if keep_attention and keep_heads:
-            state["attention_heads"] = memory.new_zeros(
-                memory.size(0), len(self.decoder), self.config.heads, memory.size(1)
-            )
+            state["attention_heads"] = memory.new_zeros(memory.size(0), len(self.decoder), c.heads, memory.size(1))
         return state
 
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:
         """tokens (B,) -> float32 log-probs of the next token (B, V) and the state with this token cached."""
-        position = state["self_kv.0"].size(3) if "self_kv.0" in state else 0
-        x = self._with_positions(self.embed.target(tokens[:, None]), offset=position)  # (B, 1, D)
-        mask = state["src_mask"][:, None, None, :]
+        position = int(state["length"])
+        if position >= self.max_positions:
+            raise NmtError(f"sequence of {position + 1} tokens is longer than model.max_positions={self.max_positions}")
+        cache = state["self_kv"]
+        if position == cache.size(4):  # full: room for GROW more (the cache is copied once per GROW steps)
+            cache = torch.cat([cache, cache.new_zeros(*cache.shape[:4], GROW, cache.size(5))], dim=4)
+        x = self.embed.target(tokens) + self._position(position)  # (B, D); dropout is off in eval mode
         keep = "attention" in state
-        new: State = {key: state[key] for key in self.sentence_keys}
+        new: State = {**state, "self_kv": cache, "length": torch.tensor(position + 1)}
+        slots, windows = cache[:, :, :, :, position:position + 1].unbind(1), cache[:, :, :, :, :position + 1].unbind(1)
         weights = []
-        for i, layer in enumerate(self.decoder):
-            cache = state.get(f"self_kv.{i}")
-            x, new[f"self_kv.{i}"], attn = layer(x, state["cross_kv"][:, i], mask, cache, need_weights=keep)
+        for layer, slot, window, cross_kv in zip(self.decoder, slots, windows, state["cross_kv"].unbind(1),
+                                                 strict=True):
+            x, attn = layer.step(x, slot, window, cross_kv, state["mask"], need_weights=keep)
             weights.append(attn)
         if keep:
-            new["attention"] = torch.cat([w.mean(dim=1) for w in weights], dim=1)  # (B, L, S)
+            new["attention"] = torch.stack([w.mean(dim=1)[:, 0] for w in weights], dim=1)  # (B, L, S)
         if "attention_heads" in state:
             new["attention_heads"] = torch.stack([w[:, :, 0] for w in weights], dim=1)  # (B, L, H, S)
-        return log_probs(self.output(self.decoder_norm(x))[:, 0]), new
+        return log_probs(self.output(self.decoder_norm(x))), new
+
+    def _position(self, position: int) -> Tensor:
+        """The position encoding (D,) of one position."""
+        if self.config.positions == "learned":
+            return self.learned_positions.weight[position]
+        return self.sinusoids[position]
 
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
         """Forward FLOPs per target token: 2 x multiply-adds of every matrix product.
