@@ -23,6 +23,7 @@ Conventions shared by every strategy, so that their results compare exactly:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,14 +158,18 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         tokens = tokens[origin.view(-1)]  # (N*K, T)
         tokens[:, step] = token.view(-1)
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
-        new = _Finished(torch.where(ended, top / lp[step + 1], NEG_INF), top, ended.long() * (step + 1),
-                        tokens.view(live_count, -1, limit))
-        pool = pool.merge(new, nbest)
+        if every > 1 or ended.any():  # reading every step, skip the merge when nothing ended (most steps)
+            new = _Finished(torch.where(ended, top / lp[step + 1], NEG_INF), top, ended.long() * (step + 1),
+                            tokens.view(live_count, -1, limit))
+            pool = pool.merge(new, nbest)
         alive = top.masked_fill(ended, NEG_INF)  # (N, K)
         live = live.after_step(ended, alive, pool, lp[step + 2], beam if config.early_stop else None)
-        results.store(live.sentence, live.newly_done, pool)
+        if every > 1:  # a sentence done between reads rides along: its results are stored as they are now
+            results.store(live.sentence, live.newly_done, pool)
         within = origin.size(1) == width  # back-pointers only, unless sentences leave below
         if (step + 1) % every == 0 and live.done.any():  # the host read: done sentences leave
+            if every == 1:  # all done sentences are newly done and leave now
+                results.store(live.sentence, live.newly_done, pool)
             keep = (~live.done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
@@ -311,11 +316,9 @@ def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeCo
     caller knows that no row is at its limit yet (which saves comparing limits, a host sync, every step).
     `sync_free` masks rows at their limit over the whole array instead of finding them (a host read).
     """
-    for token in (PAD_ID, BOS_ID, UNK_ID) if config.ban_unk else (PAD_ID, BOS_ID):
-        log_probs[:, token] = NEG_INF  # one column at a time: a list index would be copied to the device each step
+    banned = _banned(config.ban_unk, max_len is None and step + 1 < config.min_len, log_probs.device)
+    log_probs.index_fill_(1, banned, NEG_INF)  # columns only: a pass over all of (R, V) would cost more
     if max_len is None:
-        if step + 1 < config.min_len:
-            log_probs[:, EOS_ID] = NEG_INF
         return log_probs
     at_limit = max_len == step + 1  # (R,)
     if step + 1 < config.min_len:
@@ -331,6 +334,13 @@ def _mask(log_probs: Tensor, step: int, max_len: Tensor | None, config: DecodeCo
         log_probs[rows] = NEG_INF
         log_probs[rows, EOS_ID] = eos
     return log_probs
+
+
+@functools.lru_cache(maxsize=16)
+def _banned(ban_unk: bool, ban_eos: bool, device: torch.device) -> Tensor:
+    """The ids a step may not output, made once per device (a list would be copied to the device each step)."""
+    ids = [PAD_ID, BOS_ID] + [UNK_ID] * ban_unk + [EOS_ID] * ban_eos
+    return torch.tensor(ids, device=device)
 
 
 def _truncate(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -369,10 +379,11 @@ def _decode_rows(model: Decoder, state: Any, max_len: Tensor, config: DecodeConf
         raw = raw + log_probs.gather(1, last.unsqueeze(1)).squeeze(1)
         tokens[:, step] = last
         ended = (last == EOS_ID) & ~stopped  # (R,) forced at each row's limit
-        out_tokens[origin] = torch.where(ended.unsqueeze(1), tokens, out_tokens[origin])
-        out_raw[origin] = torch.where(ended, raw, out_raw[origin])
-        out_len[origin] = torch.where(ended, step + 1, out_len[origin])
-        stopped |= ended
+        if sync_every > 1 or ended.any():  # reading every step, skip the stores when nothing ended
+            out_tokens[origin] = torch.where(ended.unsqueeze(1), tokens, out_tokens[origin])
+            out_raw[origin] = torch.where(ended, raw, out_raw[origin])
+            out_len[origin] = torch.where(ended, step + 1, out_len[origin])
+            stopped |= ended
         if (step + 1) % sync_every == 0 and stopped.any():  # the host read: ended rows leave
             keep = (~stopped).nonzero().squeeze(1)
             if keep.numel() == 0:
