@@ -92,8 +92,10 @@ class CT2Translator(Translator):
     def search_ids(self, sources: Sequence[Sequence[int]]) -> list[list[Hypothesis]]:
         """Search every source (ids as `encode_source` makes them, EOS last); results in input order.
 
-        Sentences are sorted by length and batched by `batch_tokens` as nmt's translator does,
-        and a batch never mixes length limits (CTranslate2 takes one limit per call).
+        Sentences are sorted by length and batched by `batch_tokens` as nmt's translator does. CTranslate2
+        takes one length limit per call: a batch runs to its longest sentence's, and an output beyond its own
+        sentence's limit is cut there (sorted by length, a batch's limits are close, so that is rare). An
+        n-best beam search (nbest > 1) instead never mixes limits, so that no two hypotheses are cut alike.
         """
         results: list[list[Hypothesis]] = [[] for _ in sources]
         if not sources:
@@ -108,14 +110,14 @@ class CT2Translator(Translator):
         return results
 
     def _batches(self, sources: Sequence[Sequence[int]], limits: list[int]) -> Iterator[list[int]]:
-        """Indices, longest first, in runs of at most `batch_tokens` source tokens x rows; for beam search
-        also of one length limit (the limit shapes a beam search; greedy and sampled outputs are cut)."""
+        """Indices, longest first, in runs of at most `batch_tokens` source tokens x rows (and of one length
+        limit for an n-best beam search)."""
         rows = max(self.decode.nbest if self.decode.sampling else self.decode.beam, 1)
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
         chunk: list[int] = []
         for index in order:
             full = chunk and (len(chunk) + 1) * len(sources[chunk[0]]) * rows > self.batch_tokens
-            if chunk and (full or (self._beam and limits[index] != limits[chunk[0]])):
+            if full or (chunk and self._beam and self.decode.nbest > 1 and limits[index] != limits[chunk[0]]):
                 yield chunk
                 chunk = []
             chunk.append(index)
@@ -179,9 +181,11 @@ class CT2Translator(Translator):
                 for i, hyps in enumerate(found)]
 
     def _ranked(self, hypotheses: list[Scored]) -> list[Hypothesis]:
-        """nmt's scores (raw / lp(length), EOS counted), best first, the `nbest` best."""
-        scored = [Hypothesis(ids, raw / length_penalty(len(ids), self.decode), raw) for ids, raw in hypotheses]
-        return sorted(scored, key=lambda h: -h.score)[: self.decode.nbest]
+        """nmt's scores (raw / lp(length), EOS counted), best first, the `nbest` best; where two beam outputs
+        were cut to the same tokens at their sentence's limit, one is kept."""
+        scored = {tuple(ids): Hypothesis(ids, raw / length_penalty(len(ids), self.decode), raw)
+                  for ids, raw in hypotheses}
+        return sorted(scored.values(), key=lambda h: -h.score)[: self.decode.nbest]
 
 
 def _choice(option: str, value: str, choices: dict[str, str]) -> str:

@@ -9,6 +9,8 @@ so speed is never bought with quality. For Transformers it also runs beam 5
 through `NoCacheDecoder`, the straightforward implementation that re-runs the
 decoder over the whole prefix at every step, to show what the key/value cache buys.
 Peak memory covers each row's translation (`common.peak_memory`), with the model resident.
+A second table gives, per model in fp32, one decoding step at 1, 16 and 128 sentences (greedy and
+beam 5): the operators it dispatches and its milliseconds (`step_profile.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step_profile import profile
 
 from common import machine, matmul_gflops, peak_memory, print_table, write_json
 from nmt.data import encode_source
@@ -128,10 +131,19 @@ def main() -> None:
         name, _, path = spec.partition("=")
         rows += measure_model(name, Path(path), texts, references, args.precisions.split(","), args.latency_sentences,
                               args.batch_tokens)
+    steps = []
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        translator = Translator.from_checkpoint(Path(path), device="cpu", precision="fp32")
+        vocab = translator.checkpoint.config.model.src_vocab_size
+        steps += [{"model": name, **row} for row in profile(translator.model, vocab, translator.decode, timed=True)]
     ceilings.append(matmul_gflops())
     print_table("Decoding on the test set", rows, ["model", "precision", "mode", "sentences_per_s", "tokens_per_s",
                                                    "latency_ms", "bleu", "peak_mib", "note"])
-    write_json(args.out, {"machine": machine(), "ceiling_gflops_before_after": ceilings, "results": rows})
+    print_table("One decoding step in fp32 (step_profile.py)", steps,
+                ["model", "search", "sentences", "ops/step", "model ops", "search ops", "ms/step"])
+    write_json(args.out, {"machine": machine(), "ceiling_gflops_before_after": ceilings, "results": rows,
+                          "steps": steps})
 
 
 if __name__ == "__main__":
