@@ -318,3 +318,36 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(copy_model: Path,
     (ct2 / "notes.txt").write_text("mine")
     result = runner.invoke(app, ["export", str(run / "best.pt"), "-o", "ct2", "--overwrite"])
     assert_one_line_error(result.exit_code, result.output, "ct2: holds files that nmt export does not write (notes")
+
+
+class CountingEngine:
+    """A CTranslate2 translator that counts its translate_batch calls."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine, self.calls = engine, 0
+
+    def translate_batch(self, *args: object, **options: object) -> object:
+        self.calls += 1
+        return self.engine.translate_batch(*args, **options)
+
+    def score_batch(self, *args: object, **options: object) -> object:
+        return self.engine.score_batch(*args, **options)
+
+
+def test_default_beam_runs_batches_of_mixed_limits_and_keeps_each_sentences_limit(
+        exported: tuple[Checkpoint, Path]) -> None:
+    """nbest 1: a batch runs to its longest sentence's limit in one CTranslate2 call; every output still ends
+    with EOS within its own sentence's limit, scored as nmt scores those tokens."""
+    checkpoint, folder = exported
+    options = {"beam": 4, "nbest": 1, "alpha": 0.6, "early_stop": True}
+    decode = replace(DECODE, **options)
+    ours, theirs = engines(checkpoint, folder, **options)
+    theirs.engine = counting = CountingEngine(theirs.engine)
+    results = list(theirs.translate_lines(TEXTS))
+    assert 0 < counting.calls <= 2 < len(set(limits(checkpoint, decode)))  # batches by size, not by limit
+    src, mask = pad_sources([r.source_ids for r in results])
+    raws = teacher_forced(ours.model, src, mask, [[Hypothesis(r.best.tokens, 0.0, 0.0)] for r in results])
+    for result, limit, raw in zip(results, limits(checkpoint, decode), raws, strict=True):
+        tokens = result.best.tokens
+        assert tokens[-1] == EOS_ID and EOS_ID not in tokens[:-1] and len(tokens) <= limit
+        assert result.best.score == pytest.approx(raw / length_penalty(len(tokens), decode), abs=1e-4)
