@@ -11,7 +11,7 @@ from cli.common import console, handle_errors, reporting, summary_table
 from nmt.data import REASONS, CleanConfig, HubDataset, PairSource, Sources, TableFile, TextFiles, TokenizerTraining
 from nmt.data import prepare as prepare_data
 from nmt.errors import NmtError
-from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, Tokenizer
+from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, Tokenizer, parse_vocab_size
 
 SOURCES = "Sources"
 HUB = "Hugging Face datasets"
@@ -115,8 +115,9 @@ def prepare(
     train_tokenizer: Annotated[bool, typer.Option(
         "--train-tokenizer", help="Train a SentencePiece model on the cleaned training text instead.",
         rich_help_panel=TOKENIZER)] = False,
-    vocab_size: Annotated[int, typer.Option(
-        help="Vocabulary size for --train-tokenizer.", rich_help_panel=TOKENIZER)] = 8000,
+    vocab_size: Annotated[str, typer.Option(
+        help="Vocabulary size for --train-tokenizer, or auto: chosen from the number of training pairs "
+             "(5,000 at 5k pairs, +2,500 per doubling), the reason printed.", rich_help_panel=TOKENIZER)] = "auto",
     model_type: Annotated[str, typer.Option(
         help=f"Segmentation for --train-tokenizer: {' or '.join(MODEL_TYPES)}.", rich_help_panel=TOKENIZER)] = "bpe",
     separate_vocab: Annotated[bool, typer.Option(
@@ -145,7 +146,7 @@ def prepare(
            "cache_dir": hf_cache_dir}
     clean = CleanConfig(normalization=normalization, max_len=max_len, max_ratio=max_ratio, dedup=dedup)
     tokenizers = _tokenizers(tokenizer, src_tokenizer, tgt_tokenizer, train_tokenizer,
-                             TokenizerTraining(vocab_size, model_type, separate_vocab), normalization)
+                             TokenizerTraining(parse_vocab_size(vocab_size), model_type, separate_vocab), normalization)
     if hf_dataset:
         import datasets
         import huggingface_hub
@@ -197,6 +198,7 @@ def _summary_rows(meta: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [
         ("languages", f"{languages['src']} -> {languages['tgt']}" if languages else "unknown (--src-lang)"),
         ("tokenizer", f"{kind}, {sizes} pieces{', trained here' if info['trained'] else ''}, {meta['normalization']}"),
+        *([("vocabulary size", f"auto: {reason}")] if (reason := (info["trained"] or {}).get("vocab_reason")) else []),
         ("padding estimate", f"{padding['fraction']:.1%} at {padding['max_tokens']:,} tokens per batch "
                              f"({padding['batches']:,} batches)"),
         ("time", f"{meta['seconds']:.1f} s"),

@@ -9,7 +9,7 @@ import typer
 
 from cli.common import console, handle_errors, reporting, summary_table
 from nmt.errors import NmtError
-from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, TrainingSummary, train_sentencepiece
+from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, TrainingSummary, parse_vocab_size, train_sentencepiece
 
 
 @handle_errors
@@ -18,7 +18,9 @@ def tokenizer(
         help="Text files to train on (plain or .gz), e.g. train.en train.de.", show_default=False)],
     prefix: Annotated[Path, typer.Option(
         "--prefix", "-o", help="Output prefix: writes PREFIX.model and PREFIX.vocab.")],
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 8000,
+    vocab_size: Annotated[str, typer.Option(
+        help="Vocabulary size, special tokens included; auto: chosen from the sentences per input file "
+             "(pairs, with one file per side: 5,000 at 5k, +2,500 per doubling), the reason printed.")] = "auto",
     model_type: Annotated[str, typer.Option(help=f"Segmentation algorithm: {' or '.join(MODEL_TYPES)}.")] = "bpe",
     character_coverage: Annotated[float, typer.Option(
         help="Share of characters covered; 1.0 for alphabetic scripts, 0.9995 for CJK.")] = 1.0,
@@ -37,6 +39,7 @@ def tokenizer(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing PREFIX.model.")] = False,
 ) -> None:
     """Train a SentencePiece tokenizer (BPE or unigram), joint or one per side."""
+    size = parse_vocab_size(vocab_size)
     if separate and len(inputs) % 2:
         raise NmtError("--separate needs an even number of inputs: source files first, then as many target files")
     groups = [(prefix, inputs)]
@@ -50,7 +53,7 @@ def tokenizer(
                 train_sentencepiece(
                     files,
                     out_prefix,
-                    vocab_size=vocab_size,
+                    vocab_size=size,
                     model_type=model_type,
                     character_coverage=character_coverage,
                     sample_size=sample,
@@ -69,7 +72,8 @@ def tokenizer(
                 [
                     ("inputs", ", ".join(str(p) for p in summary.inputs)),
                     ("model type", summary.model_type),
-                    ("vocabulary size", summary.vocab_size),
+                    ("vocabulary size", f"auto: {summary.vocab_reason}" if summary.vocab_reason
+                     else summary.vocab_size),
                     ("character coverage", f"{summary.character_coverage:g}"),
                     ("sentences read", summary.sentences_read),
                     ("sentences used", summary.sentences_used),

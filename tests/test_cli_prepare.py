@@ -68,6 +68,29 @@ def test_jsonl_through_datasets_with_carving_and_a_trained_tokenizer(corpus_dir:
     assert data.languages == ("en", "de")  # as given
 
 
+def test_trained_tokenizer_size_is_auto_unless_given(corpus_dir: Path, tmp_path: Path) -> None:
+    """Without --vocab-size the size follows the training pairs, and the summary says why; a number given wins."""
+    result = runner.invoke(app, ["prepare", *files(corpus_dir, "train"), "--train-tokenizer",
+                                 "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    data = PreparedData.open(tmp_path / "a")
+    trained = data.meta["tokenizer"]["trained"]
+    counts = data.meta["splits"]["train"]["counts"]
+    pairs = counts["read"] - counts["empty"] - counts["duplicate"] - counts["overlap"]  # the text the tokenizer saw
+    assert trained["vocab_size"] == "auto"
+    assert trained["vocab_reason"].startswith(f"2,000 for {pairs:,} sentence pairs (")
+    assert trained["vocab_reason"].endswith(f"; {data.src_tokenizer.vocab_size:,}, the nearest size SentencePiece "
+                                            "can build from this text")
+    line = next(line for line in result.output.splitlines() if "vocabulary size" in line)
+    assert f"auto: 2,000 for {pairs:,} sentence pairs" in line
+    given = runner.invoke(app, ["prepare", *files(corpus_dir, "train"), "--train-tokenizer", "--vocab-size", "300",
+                                "-o", str(tmp_path / "b")])
+    assert given.exit_code == 0, given.output
+    data = PreparedData.open(tmp_path / "b")
+    assert data.src_tokenizer.vocab_size == 300 and data.meta["tokenizer"]["trained"]["vocab_reason"] == ""
+    assert "vocabulary size" not in given.output and "auto:" not in given.output
+
+
 def error_of(args: list[str]) -> str:
     result = runner.invoke(app, ["prepare", *args])
     assert result.exit_code == 1, result.output
@@ -89,6 +112,7 @@ def error_of(args: list[str]) -> str:
         ("good", ["--train", "a.tsv"], "give the train set one way"),
         ("none", ["--tokenizer", "SPM"], "no training data"),
         ("good", ["--train-tokenizer", "--tokenizer", "SPM"], "choose the tokenizer one way"),
+        ("good", ["--train-tokenizer", "--vocab-size", "8k"], "vocabulary size must be a number of pieces or 'auto'"),
         ("good", ["--normalization", "NFD"], "unknown normalisation 'NFD'"),
         ("good", ["--max-ratio", "0.5"], "max_ratio must be at least 1"),
         ("hub", ["--hf-dataset", "./nowhere"], "cannot load dataset './nowhere'"),

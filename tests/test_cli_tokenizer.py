@@ -45,6 +45,19 @@ def test_joint_model_through_runner(corpus_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "m.vocab").is_file()
 
 
+def test_auto_vocabulary_size_by_default(corpus_dir: Path, tmp_path: Path) -> None:
+    """600 lines per input file are 600 pairs: 2,000 pieces, more than this text makes, so the most it does."""
+    result = runner.invoke(app, ["tokenizer", str(corpus_dir / "train.en"), str(corpus_dir / "train.de"),
+                                 "-o", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    size = Tokenizer.load(tmp_path / "m.model").vocab_size
+    assert "auto: 2,000 for 600 sentence pairs" in result.output and f"{size:,}, the nearest size" in result.output
+    bad = runner.invoke(app, ["tokenizer", str(corpus_dir / "train.en"), "-o", str(tmp_path / "n"),
+                              "--vocab-size", "x"])
+    assert bad.exit_code == 1
+    assert bad.stderr.strip() == "error: vocabulary size must be a number of pieces or 'auto', got 'x'"
+
+
 def test_separate_models_as_subprocess(corpus_dir: Path, tmp_path: Path) -> None:
     result = nmt("tokenizer", str(corpus_dir / "train.en"), str(corpus_dir / "train.de"), "-o", str(tmp_path / "m"),
                  "--vocab-size", "290", "--separate", "--model-type", "unigram")

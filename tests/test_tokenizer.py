@@ -1,12 +1,24 @@
 from __future__ import annotations
 
 import gzip
+import random
 from pathlib import Path
 
 import pytest
 
 from nmt.errors import NmtError
-from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, normalize, train_sentencepiece
+from nmt.tokenizer import (
+    AUTO,
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Tokenizer,
+    auto_vocab_size,
+    normalize,
+    parse_vocab_size,
+    train_sentencepiece,
+)
 
 TRICKY = [
     "ein Mann läuft auf der Straße",
@@ -120,3 +132,54 @@ def test_an_existing_model_is_kept_unless_overwrite(corpus_dir: Path, tmp_path: 
     assert first.read_bytes() == before
     train_sentencepiece([corpus_dir / "train.de"], tmp_path / "m", vocab_size=290, overwrite=True)
     assert first.read_bytes() != before
+
+
+@pytest.mark.parametrize(("pairs", "size"), [
+    (0, 2_000), (1_000, 2_000), (3_000, 3_000), (5_000, 5_000), (10_000, 7_500), (20_000, 10_000),
+    (29_000, 11_500), (80_000, 15_000), (160_000, 17_500), (1_000_000, 24_000), (10_000_000, 32_000),
+])
+def test_auto_vocab_size_table(pairs: int, size: int) -> None:
+    assert auto_vocab_size(pairs) == size
+
+
+def test_parse_vocab_size() -> None:
+    assert parse_vocab_size("auto") == parse_vocab_size(" AUTO ") == AUTO
+    assert parse_vocab_size("8000") == 8000
+    with pytest.raises(NmtError, match="vocabulary size must be a number of pieces or 'auto', got '8k'"):
+        parse_vocab_size("8k")
+    with pytest.raises(NmtError, match="got 'big'"):
+        train_sentencepiece([Path("unused")], Path("unused"), vocab_size="big")
+
+
+def random_words(path: Path, lines: int, seed: int = 0) -> Path:
+    """Text of many distinct words: enough merges for any automatic size up to a few thousand."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    path.write_text("".join(" ".join("".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(4)) + "\n"
+                            for _ in range(lines)), encoding="utf-8")
+    return path
+
+
+def test_auto_size_per_input_file_and_explicit_wins(tmp_path: Path) -> None:
+    """Two files of 3,000 lines are 3,000 pairs: 3,000 pieces; a number given is used as it is."""
+    files = [random_words(tmp_path / "a.txt", 3_000, seed=1), random_words(tmp_path / "b.txt", 3_000, seed=2)]
+    summary = train_sentencepiece(files, tmp_path / "auto")
+    assert Tokenizer.load(summary.model).vocab_size == summary.vocab_size == auto_vocab_size(3_000) == 3_000
+    assert summary.vocab_reason.startswith("3,000 for 3,000 sentence pairs (")
+    assert "nearest size" not in summary.vocab_reason
+    explicit = train_sentencepiece(files, tmp_path / "explicit", vocab_size=500)
+    assert Tokenizer.load(explicit.model).vocab_size == 500 and explicit.vocab_reason == ""
+
+
+def test_auto_size_moves_to_what_sentencepiece_can_build(corpus_dir: Path, tmp_path: Path) -> None:
+    """The toy corpus cannot make 2,000 pieces, and 2,500 distinct characters need more: no error either way."""
+    few = train_sentencepiece([corpus_dir / "train.en"], tmp_path / "few")
+    assert 260 < Tokenizer.load(few.model).vocab_size == few.vocab_size < 2_000
+    assert few.vocab_reason.startswith("2,000 for 600 sentence pairs")
+    assert few.vocab_reason.endswith(f"; {few.vocab_size:,}, the nearest size SentencePiece can build from this text")
+    with pytest.raises(NmtError, match="more than this corpus can supply .* use --vocab-size auto"):
+        train_sentencepiece([corpus_dir / "train.en"], tmp_path / "explicit", vocab_size=2_000)
+    chars = [chr(0x4E00 + i) for i in range(2_500)]
+    (tmp_path / "cjk.txt").write_text("".join(" ".join(chars[i:i + 50]) + "\n" for i in range(0, 2_500, 50)))
+    many = train_sentencepiece([tmp_path / "cjk.txt"], tmp_path / "many")
+    assert Tokenizer.load(many.model).vocab_size == many.vocab_size > 2_500 + 256

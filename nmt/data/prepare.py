@@ -40,7 +40,7 @@ from nmt.data.store import (
 from nmt.errors import NmtError
 from nmt.io import OutputFolder, atomic_dir, read_json
 from nmt.progress import SILENT, Reporter
-from nmt.tokenizer import Tokenizer, train_sentencepiece
+from nmt.tokenizer import AUTO, Tokenizer, VocabSize, train_sentencepiece
 
 HELD_OUT = ("valid", "test")
 
@@ -83,7 +83,7 @@ class Sources:
 class TokenizerTraining:
     """Train SentencePiece on the cleaned training text instead of using a given model."""
 
-    vocab_size: int = 8000
+    vocab_size: VocabSize = AUTO  # AUTO: from the number of training pairs left after cleaning
     model_type: str = "bpe"
     separate: bool = False  # one model per side instead of a joint one
     seed: int = 1
@@ -112,7 +112,7 @@ def prepare(
         scratch.mkdir()
         splits = _resolve_splits(sources, reporter)
         counts, cleaner = _read_splits(splits, tmp, scratch, clean, chunk_size, reporter)
-        src_tok, tgt_tok = _tokenizers(tokenizers, scratch, clean.normalization, num_threads, reporter)
+        src_tok, tgt_tok, vocab_reason = _tokenizers(tokenizers, scratch, clean.normalization, num_threads, reporter)
         joint = src_tok.model_bytes == tgt_tok.model_bytes
         dtype = ids_dtype(max(src_tok.vocab_size, tgt_tok.vocab_size))
         stats = {}
@@ -137,7 +137,8 @@ def prepare(
             "dtype": dtype.name,
             "tokenizer": {
                 "joint": joint,
-                "trained": asdict(tokenizers) if isinstance(tokenizers, TokenizerTraining) else None,
+                "trained": ({**asdict(tokenizers), "vocab_reason": vocab_reason}
+                            if isinstance(tokenizers, TokenizerTraining) else None),
                 **{side: {"file": files[side], "sha256": tok.checksum, "vocab_size": tok.vocab_size}
                    for side, tok in (("src", src_tok), ("tgt", tgt_tok))},
             },
@@ -241,21 +242,23 @@ class _ScratchWriter:
 
 
 def _tokenizers(tokenizers: Tokenizers, scratch: Path, normalization: str, num_threads: int,
-                reporter: Reporter) -> tuple[Tokenizer, Tokenizer]:
-    """The given tokenizers (used with the data's normalisation), or new ones trained on train."""
+                reporter: Reporter) -> tuple[Tokenizer, Tokenizer, str]:
+    """The given tokenizers (used with the data's normalisation), or new ones trained on train; then why
+    their vocabulary size, when it was chosen automatically."""
     if not isinstance(tokenizers, TokenizerTraining):
-        return tuple(Tokenizer(t.model_bytes, normalization) for t in tokenizers)  # type: ignore[return-value]
+        return (*(Tokenizer(t.model_bytes, normalization) for t in tokenizers), "")  # type: ignore[return-value]
     spec = tokenizers
     groups = ([("src", ["train.src"]), ("tgt", ["train.tgt"])] if spec.separate
               else [("spm", ["train.src", "train.tgt"])])
-    trained = []
+    trained, reasons = [], []
     for prefix, names in groups:
         summary = train_sentencepiece(
             [scratch / n for n in names], scratch / prefix, vocab_size=spec.vocab_size, model_type=spec.model_type,
             normalization=normalization, seed=spec.seed, num_threads=num_threads, reporter=reporter,
         )
         trained.append(Tokenizer.load(summary.model, normalization))
-    return (trained[0], trained[-1])
+        reasons.append(summary.vocab_reason)
+    return trained[0], trained[-1], "; ".join(dict.fromkeys(r for r in reasons if r))  # once if the sides agree
 
 
 LengthFilter = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], list[bool]]
