@@ -14,7 +14,7 @@ from cli.common import console, err_console, handle_errors, human, summary_table
 from nmt.config import resolve, to_toml
 from nmt.device import tune_cpu
 from nmt.progress import Advance
-from nmt.train import Trainer, TrainResult
+from nmt.train import Selection, Trainer, TrainResult
 from nmt.train.sizing import free_options
 
 SIGNAL_EXIT_CODES = {"interrupted": 130, "terminated": 143}  # 128 + SIGINT, 128 + SIGTERM, as shells report them
@@ -159,7 +159,21 @@ def _summary(result: TrainResult, best_metric: str) -> list[tuple[str, Any]]:
     rows.append(("last checkpoint", str(result.last_checkpoint)))
     if result.best_checkpoint:
         rows.append(("best checkpoint", str(result.best_checkpoint)))
+    if result.selection:
+        rows.extend(_selection_rows(result.selection))
     return rows
+
+
+def _selection_rows(selection: Selection) -> list[tuple[str, Any]]:
+    """What the final selection chose, on which sentences, and every candidate's valid BLEU."""
+    chosen = selection.chosen
+    scores = "\n".join(f"{s.bleu:6.2f}  {s.candidate}, alpha {s.alpha}{'  (chosen)' if s == chosen else ''}"
+                       for s in selection.scores)
+    return [
+        ("final checkpoint", f"{selection.final_path}: {chosen.candidate}, alpha {chosen.alpha}"),
+        ("chosen on", f"{selection.sentences.describe()}, beam {selection.beam}"),
+        ("valid BLEU", scores),
+    ]
 
 
 def _duration(seconds: float) -> str:

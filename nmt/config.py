@@ -120,6 +120,11 @@ class TrainConfig:
     valid_max_sentences: int = 500
     best_metric: str = "bleu"  # "bleu", "chrf", "loss" or "ppl": what "best" means
     keep_last: int = 5  # update checkpoints kept besides best.pt
+    # at the end, choose best.pt or the average of the last keep_last checkpoints, and the length penalty alpha,
+    # by beam-search BLEU on valid (after the valid_max_sentences that chose best.pt, where 200 or more are left),
+    # and write final.pt with that alpha as its decode default, and selection.json (nmt.train.selection)
+    select_final: bool = True
+    select_max_sentences: int = 500  # the final selection decodes at most this many valid sentences (0 = all)
     patience: int = 0  # early stopping after N validations without improvement; 0 = off
     log_every: int = 50  # updates between training log lines
 
@@ -306,7 +311,7 @@ def validate(config: Config) -> None:
     for name in ("accum_steps", "max_tokens", "log_every", "keep_last"):
         _check_at_least(f"train.{name}", getattr(train, name), 1)
     for name in ("max_updates", "max_epochs", "max_minutes", "threads", "warmup", "valid_every", "valid_max_sentences",
-                 "patience", "plateau_patience", "clip_norm", "weight_decay", "min_lr"):
+                 "select_max_sentences", "patience", "plateau_patience", "clip_norm", "weight_decay", "min_lr"):
         _check_at_least(f"train.{name}", getattr(train, name), 0)
     if not (train.lr > 0 and math.isfinite(train.lr)):
         raise NmtError(f"train.lr must be a positive number, got {train.lr}")

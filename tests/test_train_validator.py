@@ -11,7 +11,7 @@ from nmt.config import DecodeConfig
 from nmt.data import PreparedData
 from nmt.models import build_model
 from nmt.train.trainer import fill_vocabulary
-from nmt.train.validator import Validator, _chunks, validation_search
+from nmt.train.validator import Validator, length_chunks, validation_search
 from tests.test_train import make_config
 
 
@@ -84,9 +84,9 @@ def test_progress_steps_do_not_change_the_translations(model_and_data, monkeypat
 
 def test_chunks_are_longest_first_within_the_token_budget() -> None:
     sources = [[0] * n for n in (3, 1, 4, 1, 5)]
-    assert _chunks(sources, tokens=6) == [[4], [2], [0, 1, 3]]
-    assert _chunks(sources, tokens=2) == [[4], [2], [0], [1, 3]]  # a sentence over budget is a chunk alone
-    assert _chunks([], tokens=6) == []
+    assert length_chunks(sources, tokens=6) == [[4], [2], [0, 1, 3]]
+    assert length_chunks(sources, tokens=2) == [[4], [2], [0], [1, 3]]  # a sentence over budget is a chunk alone
+    assert length_chunks([], tokens=6) == []
 
 
 class OneOfTwoRanks:

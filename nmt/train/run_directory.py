@@ -2,6 +2,8 @@
 
     RUN_DIR/update_00001200.pt   one checkpoint per saved update (the last `keep_last` kept)
     RUN_DIR/best.pt              the best validation so far
+    RUN_DIR/final.pt             the model to use: weights and length penalty chosen on valid (nmt.train.selection)
+    RUN_DIR/selection.json       how final.pt was chosen: every candidate's valid score
     RUN_DIR/config.toml          the resolved config of the latest checkpoint
     RUN_DIR/metrics.jsonl        every log line and validation (nmt.train.metrics_log)
     RUN_DIR/tensorboard/         the same numbers for TensorBoard, when it is installed
@@ -27,6 +29,8 @@ from nmt.errors import NmtError
 from nmt.io import atomic_path, ensure_writable_dir
 
 BEST = "best.pt"
+FINAL = "final.pt"
+SELECTION = "selection.json"
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -68,6 +72,14 @@ class RunDirectory:
     @property
     def best_path(self) -> Path:
         return self.path / BEST
+
+    @property
+    def final_path(self) -> Path:
+        return self.path / FINAL
+
+    @property
+    def selection_path(self) -> Path:
+        return self.path / SELECTION
 
     @property
     def config_path(self) -> Path:

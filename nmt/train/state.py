@@ -22,6 +22,7 @@ from nmt.data import PreparedData
 from nmt.errors import NmtError
 from nmt.optim import Improvement
 from nmt.train.run_directory import RunDirectory
+from nmt.train.selection import Selection
 
 RESETTABLE = ("optimizer", "scheduler", "best")
 
@@ -72,6 +73,7 @@ class TrainResult:
     validation_seconds: float
     target_tokens: int
     last_validation: dict[str, Any] | None
+    selection: Selection | None = None  # how final.pt was chosen (None: not chosen, see train.select_final)
 
     @property
     def tokens_per_second(self) -> float:

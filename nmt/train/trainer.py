@@ -32,6 +32,7 @@ from nmt.train.meter import TrainMeter
 from nmt.train.metrics_log import MetricsLog
 from nmt.train.monitor import Monitor, SilentMonitor
 from nmt.train.run_directory import RunDirectory
+from nmt.train.selection import select_after_training
 from nmt.train.signals import StopSignals, stop_reason
 from nmt.train.sizing import choose_schedule_and_regularisation, choose_shape
 from nmt.train.state import Progress, TrainResult, capture_rng, check_reset, limit_reached, load_resumable, restore_rng
@@ -129,7 +130,10 @@ class Trainer:
             while not reason:
                 reason = self._after_update(self._train_next_group())
         self.dist.barrier()
-        return self._result(reason)
+        result = self._result(reason)
+        result.selection = select_after_training(self.config, self.data, reason, self.dist, self.device,
+                                                 self.amp_dtype, self.monitor)
+        return result
 
     def _train_next_group(self) -> bool:
         """One update on the next `accum_steps` batches of the epoch; returns whether it ended the epoch."""

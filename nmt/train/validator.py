@@ -97,7 +97,7 @@ class Validator:
         sources = [source_ids(self.split[i][0]) for i in mine]
         translated: dict[int, str] = {}
         advance = reporter.task("validation BLEU", total=len(sources), unit="sentences")
-        for chunk in _chunks(sources, self.batch_tokens * BATCHES_PER_STEP):
+        for chunk in length_chunks(sources, self.batch_tokens * BATCHES_PER_STEP):
             with autocast(self.device, self.amp_dtype):
                 results = translate_ids(model, [sources[i] for i in chunk], self.search, self.batch_tokens, self.device)
             for index, found in zip(chunk, results, strict=True):
@@ -107,7 +107,7 @@ class Validator:
         return [gathered[index] for index in range(self.sentences)]
 
 
-def _chunks(sources: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
+def length_chunks(sources: Sequence[Sequence[int]], tokens: int) -> list[list[int]]:
     """Indices longest first, cut into chunks of about `tokens` source tokens (a sentence translates the
     same in any batch, so chunking changes only when progress is shown)."""
     chunks: list[list[int]] = [[]]
