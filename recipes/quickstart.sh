@@ -8,5 +8,4 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/recipes/install.sh"
 venv=${NMT_VENV:-$root/.venv}
 export NMT_TRAIN_ARGS=${NMT_TRAIN_ARGS:---set train.max_tokens=1024 --set train.warmup=150 --set train.lr=0.002 --set train.valid_max_sentences=200}
-export NMT_ALPHAS=${NMT_ALPHAS:-0.6}  # the full recipe also tries 1.0, 1.4 and 2.0 on valid
 PATH="$venv/bin:$PATH" exec bash "$root/recipes/multi30k/run.sh" --work "$root/work/quickstart" --minutes 4 --models transformer "$@"

@@ -1,7 +1,7 @@
 """Decoding speed and quality on a test set: greedy and beam 5, fp32 / bf16 / int8 / auto, batch and one at a time.
 
-    python recipes/bench/decode_speed.py --model transformer=work/multi30k/transformer/averaged.pt \
-        --model lstm=work/multi30k/lstm/averaged.pt --src work/multi30k/test.src --ref work/multi30k/test.ref
+    python recipes/bench/decode_speed.py --model transformer=work/multi30k/transformer/final.pt \
+        --model lstm=work/multi30k/lstm/final.pt --src work/multi30k/test.src --ref work/multi30k/test.ref
 
 For every model, precision and search it reports sentences/s and target tokens/s
 in batch mode, the mean latency of translating sentences one at a time, and BLEU,

@@ -1,6 +1,6 @@
 """nmt against CTranslate2 on the same weights: greedy and beam 5, fp32 and int8, one machine, one run.
 
-    python recipes/bench/engines.py --model work/quickstart/transformer/averaged.pt \
+    python recipes/bench/engines.py --model work/quickstart/transformer/final.pt \
         --src work/quickstart/test.src --ref work/quickstart/test.ref      # table + work/bench/engines.json
 
 The checkpoint is exported once (`nmt export`, fp32 weights); CTranslate2's int8 rows compute in int8
@@ -130,7 +130,7 @@ def measure(model: Path, texts: list[str], references: list[str], threads: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("work/quickstart/transformer/averaged.pt"))
+    parser.add_argument("--model", type=Path, default=Path("work/quickstart/transformer/final.pt"))
     parser.add_argument("--src", type=Path, default=Path("work/quickstart/test.src"))
     parser.add_argument("--ref", type=Path, default=Path("work/quickstart/test.ref"))
     parser.add_argument("--threads", type=int, default=2)

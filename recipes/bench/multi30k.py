@@ -1,7 +1,7 @@
 """Training and decoding benchmarks of the Multi30k models in one table: speed, peak memory and BLEU.
 
     python recipes/bench/multi30k.py --data work/multi30k/data \
-        --model transformer=work/multi30k/transformer/averaged.pt --model lstm=work/multi30k/lstm/averaged.pt \
+        --model transformer=work/multi30k/transformer/final.pt --model lstm=work/multi30k/lstm/final.pt \
         --src work/multi30k/test.src --ref work/multi30k/test.ref
 
 For every model it runs `train_speed.measure_all` (fp32 and bf16 training of the

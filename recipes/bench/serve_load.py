@@ -1,6 +1,6 @@
 """`nmt serve` under load: 1, 8 and 64 concurrent single-sentence clients against the library in batch mode.
 
-    python recipes/bench/serve_load.py --model work/quickstart/transformer/averaged.pt \
+    python recipes/bench/serve_load.py --model work/quickstart/transformer/final.pt \
         --src work/quickstart/test.src --pair en-de --beam 5
 
 The library rows translate the same sentences in-process with `Translator.translate_lines`:

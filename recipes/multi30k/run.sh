@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Multi30k English->German end to end: tokenizer -> prepare -> train -> average -> translate -> eval,
-# with the checkpoint and length penalty chosen on the validation set (select_and_test.sh).
+# Multi30k English->German end to end: tokenizer -> prepare -> train -> translate -> eval. `nmt train`
+# ends with RUN_DIR/final.pt: best.pt or the average of the last checkpoints, and the length penalty,
+# chosen on the validation set; select_and_test.sh translates test2016 once with it.
 #
 # Usage: recipes/multi30k/run.sh [--data DIR] [--work DIR] [--minutes N] [--models "transformer lstm gru"]
 #   --data     folder with train/valid/test2016 .en/.de; default ../shared/data/multi30k-en-de beside the
@@ -61,12 +62,11 @@ for model in $models; do
   else
     nmt train --config "$here/$model.toml" --data "$work/data" --run-dir "$run" "${budget[@]}" ${NMT_TRAIN_ARGS:-}
   fi
-  echo "== 3. choose best.pt or the average of the last 5, and alpha, on valid; then score test2016 (beam 5)"
+  echo "== 3. translate and score test2016 once with final.pt (chosen on valid by nmt train)"
   bash "$here/select_and_test.sh" "$run" "$work"
 done
 
 echo
-echo "Translate with a trained model (the checkpoint and alpha chosen on valid):"
+echo "Translate with a trained model (final.pt: the weights and alpha chosen on valid):"
 first=${models%% *}
-read -r ckpt alpha < <(python -c "import json, sys; c = json.load(open(sys.argv[1]))['chosen']; print(c['checkpoint'], c['alpha'])" "$work/$first/selection.json")
-echo "   echo 'A man is riding a bicycle.' | nmt translate -m $work/$first/$ckpt.pt --alpha $alpha"
+echo "   echo 'A man is riding a bicycle.' | nmt translate -m $work/$first/final.pt"
