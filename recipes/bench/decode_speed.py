@@ -55,7 +55,7 @@ class NoCacheDecoder:
         x = m._with_positions(m.embed.target(prefix))
         mask = state["src_mask"][:, None, None, :]
         for layer in m.decoder:
-            x = layer(x, layer.cross_attn.keys_values(state["memory"]), mask, cache=None)[0]
+            x = layer(x, layer.cross_attn.keys_values(state["memory"]), mask)
         logits = m.output(m.decoder_norm(x[:, -1]))
         return torch.log_softmax(logits.float(), dim=-1), {**state, "prefix": prefix}
 
