@@ -43,9 +43,13 @@ class ModelConfig:
     ffn_dim: int = 1024
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
-    activation: str = "relu"  # "relu" or "gelu"
+    activation: str = "relu"  # "relu", "gelu" or "swish" (SiLU, as Marian / OPUS-MT models)
     norm: str = "pre"  # "pre" (LayerNorm before each sub-layer) or "post" (as the 2017 paper)
     positions: str = "sinusoidal"  # "sinusoidal" or "learned"
+    # sinusoids "interleaved" (sin on even, cos on odd channels) or "concatenated" (all sines, then all cosines:
+    # Marian / Hugging Face's layout, computed in float64 as they do)
+    position_layout: str = "interleaved"
+    output_bias: bool = False  # a bias on the output logits (Marian's); a -inf entry is a token never produced
     max_positions: int = 1024  # longest source or target, in tokens, including BOS/EOS
     # Recurrent (arch = "rnn")
     cell: str = "lstm"  # "lstm", "gru" or "rnn"

@@ -7,7 +7,9 @@ so the folder describes itself. The mapping onto `TransformerSpec` follows CTran
 own fairseq and OpenNMT-py converters; the parts where nmt differs from their defaults:
 
 - positions: nmt's table is passed as the model's position encodings (nmt's sinusoids
-  interleave sin and cos, CTranslate2 would generate its own concatenated layout);
+  interleave sin and cos, CTranslate2 would generate its own concatenated layout; imported
+  Marian models use the concatenated one, passed the same way);
+- swish (Marian's activation) and the output bias map as in CTranslate2's Marian converter;
 - embeddings are scaled by sqrt(d_model), which is CTranslate2's `scale_embeddings`;
 - the source ends with EOS and the target starts with BOS, exactly as `encode_source` and
   the search do; the vocabularies are the SentencePiece pieces in id order, so every
@@ -95,11 +97,12 @@ def transformer_spec(ctranslate2: ModuleType, checkpoint: Checkpoint) -> Any:
     specs = ctranslate2.specs
     config = checkpoint.config.model
     weights = {name: value.detach().float().cpu().numpy() for name, value in checkpoint.model_state.items()}
-    activation = specs.Activation.RELU if config.activation == "relu" else specs.Activation.GELU
+    activation = {"relu": specs.Activation.RELU, "gelu": specs.Activation.GELU,
+                  "swish": specs.Activation.SWISH}[config.activation]
     spec = specs.TransformerSpec.from_config((config.enc_layers, config.dec_layers), config.heads,
                                              pre_norm=config.norm == "pre", activation=activation)
     positions = (weights["learned_positions.weight"] if config.positions == "learned"
-                 else sinusoids(config.max_positions, config.d_model).numpy())
+                 else sinusoids(config.max_positions, config.d_model, config.position_layout).numpy())
     encoder, decoder = spec.encoder, spec.decoder
     encoder.embeddings[0].weight = weights["embed.src.weight"]
     decoder.embeddings.weight = weights["embed.tgt.weight"]
@@ -107,6 +110,8 @@ def transformer_spec(ctranslate2: ModuleType, checkpoint: Checkpoint) -> Any:
         stack.scale_embeddings = True  # nmt reads embeddings through sqrt(d_model)
         stack.position_encodings.encodings = positions
     decoder.projection.weight = weights["output.weight"]
+    if config.output_bias:  # -inf entries included: CTranslate2 then never produces those tokens either
+        decoder.projection.bias = weights["output.bias"]
     for i, layer in enumerate(encoder.layer):
         prefix = f"encoder.{i}."
         set_attention(layer.self_attention, weights, prefix + "attn.", ["qkv"], prefix + "res_attn.norm")

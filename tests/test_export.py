@@ -38,6 +38,9 @@ LAYOUTS = {  # every option export maps: norm, positions, activation, vocabulari
                                                  separate=True, tie_output=False),
     "pre-sinusoidal-gelu-separate-tied": dict(norm="pre", positions="sinusoidal", activation="gelu", separate=True,
                                               d_model=64, heads=4, enc_layers=1, dec_layers=1),
+    "post-concatenated-swish-shared-tied-bias": dict(norm="post", positions="sinusoidal", activation="swish",
+                                                     position_layout="concatenated", output_bias=True,
+                                                     eos=(8.0, 0.2)),
 }
 
 def _auto_sized_shape() -> dict:
@@ -65,6 +68,7 @@ def random_checkpoint(src: Tokenizer, tgt: Tokenizer, layout: dict, seed: int = 
     embedding or sub-layer writes there), through which EOS grows more likely with every token.
     """
     options = {"d_model": 32, "heads": 2, "ffn_dim": 64, "enc_layers": 2, "dec_layers": 2, **layout}
+    eos = options.pop("eos", eos)  # a layout may need its own rigging to end at mixed lengths
     joint = not options.pop("separate", False)
     config = Config()
     config.model = ModelConfig(src_vocab_size=src.vocab_size, tgt_vocab_size=tgt.vocab_size, joint_vocab=joint,
@@ -74,7 +78,8 @@ def random_checkpoint(src: Tokenizer, tgt: Tokenizer, layout: dict, seed: int = 
     torch.manual_seed(seed)
     model = build_model(config.model).eval()
     d = config.model.d_model
-    constant, position = 0, 2 * (d // 8) + 1  # sinusoid channel 2k + 1 is cos(10000^(-2k/d) * position)
+    # interleaved sinusoid channel 2k + 1 is cos(10000^(-2k/d) * position); concatenated, channel d/2 + k
+    constant, position = 0, 2 * (d // 8) + 1 if config.model.position_layout == "interleaved" else d // 2 + d // 8
     final_norm = model.decoder_norm if config.model.norm == "pre" else model.decoder[-1].res_ffn.norm
     with torch.no_grad():
         for layer in model.decoder:
@@ -87,6 +92,8 @@ def random_checkpoint(src: Tokenizer, tgt: Tokenizer, layout: dict, seed: int = 
         model.output.weight[:, constant] *= 0.1
         model.output.weight[[PAD_ID, BOS_ID], constant] = -1.0
         model.output.weight[EOS_ID, position], model.output.weight[EOS_ID, constant] = -eos[0], eos[1]
+        if config.model.output_bias:  # a random bias, with BOS masked as in imported models
+            model.output.bias.normal_(std=0.5)[[BOS_ID, EOS_ID]] = torch.tensor([float("-inf"), 0.0])
     return Checkpoint(config=config, model_state=model.state_dict(), src_tokenizer=src, tgt_tokenizer=tgt,
                       languages=("en", "de"))
 

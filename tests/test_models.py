@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nmt.config import ModelConfig
 from nmt.errors import NmtError
 from nmt.models import build_model
+from nmt.models.transformer import sinusoids
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 VOCAB = 20
@@ -39,6 +40,8 @@ CONFIGS = {
     "transformer-post": replace(TRANSFORMER, norm="post"),
     "transformer-learned-gelu": replace(TRANSFORMER, positions="learned", activation="gelu", enc_layers=1,
                                         dec_layers=3),
+    "transformer-marian": replace(TRANSFORMER, norm="post", activation="swish", position_layout="concatenated",
+                                  output_bias=True),
     **{
         f"{cell}-{attention}": replace(RNN, cell=cell, attention=attention)
         for cell in ("lstm", "gru", "rnn")
@@ -51,7 +54,11 @@ CONFIGS = {
 
 def make_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(CONFIGS[name]).eval()
+    model = build_model(CONFIGS[name]).eval()
+    if model.output_bias() is not None:  # a bias that matters
+        with torch.no_grad():
+            model.output_bias().normal_()
+    return model
 
 
 def padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +187,8 @@ def test_initial_loss_is_near_uniform_at_recipe_size(cell: str) -> None:
         ({"arch": "rnn", "attention": "cosine"}, "model.attention"),
         ({"arch": "rnn", "hidden_size": 33}, "even"),
         ({"norm": "sandwich"}, "model.norm"),
+        ({"activation": "tanh"}, "model.activation 'tanh'; choose one of relu, gelu, swish"),
+        ({"position_layout": "spiral"}, "model.position_layout"),
         ({"heads": 5}, "divisible"),
         ({"src_vocab_size": 0, "tgt_vocab_size": 0}, "vocabulary sizes"),
     ],
@@ -255,7 +264,8 @@ def test_bf16_autocast_step_returns_float32(name: str) -> None:
         assert model(src, src_mask, tgt).shape == (4, 6, VOCAB)
 
 
-@pytest.mark.parametrize("name", ["transformer-pre", "transformer-post", "lstm-general", "gru-no-feeding"])
+@pytest.mark.parametrize("name", ["transformer-pre", "transformer-post", "transformer-marian", "lstm-general",
+                                  "gru-no-feeding"])
 @torch.no_grad()
 def test_features_only_is_what_the_output_layer_projects(name: str) -> None:
     """The fused training loss projects `features_only` itself: it must be exactly the logits' input."""
@@ -357,3 +367,23 @@ def test_reorder_within_sentences_reuses_encoder_state(name: str) -> None:
     across = model.reorder_state(state, torch.tensor([2, 3, 0, 1, 4, 5, 6, 7]))  # rows change sentence: not promised
     assert all(across[key] is not state[key] for key in model.sentence_keys & across.keys())
 
+
+
+def test_concatenated_sinusoids_are_marians_table_and_the_default_is_unchanged() -> None:
+    """Marian's layout as Hugging Face builds it (float64 angles, sines then cosines, one rounding), exactly;
+    the interleaved default keeps its float32 formula, so existing checkpoints decode bitwise as before."""
+    length, dim = 50, 12
+    angles = [[pos / math.pow(10000, 2 * (j // 2) / dim) for j in range(dim)] for pos in range(length)]
+    marian = torch.tensor([[math.sin(a) for a in row[0::2]] + [math.cos(a) for a in row[1::2]] for row in angles])
+    assert torch.equal(sinusoids(length, dim, "concatenated"), marian.float())
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    assert torch.equal(sinusoids(length, dim)[:, 0::2], torch.sin(position * frequency))
+    assert torch.equal(sinusoids(length, dim)[:, 1::2], torch.cos(position * frequency))
+
+
+def test_default_models_have_no_new_parameters() -> None:
+    """The Marian features are opt-in: a default Transformer's state has exactly the keys it always had."""
+    keys = set(build_model(TRANSFORMER).state_dict())
+    assert "output.bias" not in keys and "output.bias" in build_model(CONFIGS["transformer-marian"]).state_dict()
+    assert build_model(TRANSFORMER).output_bias() is None

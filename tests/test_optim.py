@@ -219,3 +219,36 @@ def test_fused_loss_without_gradients_gives_the_same_values(device: str) -> None
     with torch.inference_mode():
         without = label_smoothed_loss(features, weight, target, 0.1)
     assert [v.item() for v in without] == pytest.approx([v.item() for v in with_grad], rel=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["bias", "bias-with-masked-column"])
+def test_fused_loss_with_an_output_bias_equals_autograd_reference(masked: bool, device: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a logit bias the loss and all three gradients equal plain projection + bias + cross-entropy; a
+    column whose bias is -inf takes no probability, no smoothing mass and no gradient (the reference is
+    cross-entropy over the other columns)."""
+    monkeypatch.setattr("nmt.loss.ROWS_PER_CHUNK", 8)
+    monkeypatch.setattr("nmt.loss.CUDA_ROWS_PER_CHUNK", 8)
+    features, weight, target = loss_inputs((3, 7, 16), 50, device)
+    target[1, 4:] = PAD_ID
+    bias = torch.randn(50).to(device)
+    if masked:
+        bias[2] = float("-inf")
+    bias.requires_grad_()
+    loss, nll = label_smoothed_loss(features, weight, target, 0.2, bias=bias)
+    (loss * 0.5).backward()
+    ours = features.grad.clone(), weight.grad.clone(), bias.grad.clone()
+    features.grad = weight.grad = bias.grad = None
+    keep = torch.arange(50, device=device) != 2 if masked else torch.ones(50, dtype=torch.bool, device=device)
+    logits = (features @ weight.t() + bias)[..., keep].reshape(-1, int(keep.sum()))
+    gold = keep.long().cumsum(0)[target.view(-1)] - 1  # the target's column among the kept ones
+    gold[target.view(-1) == PAD_ID] = -100
+    reference = torch.nn.functional.cross_entropy(logits, gold, label_smoothing=0.2, reduction="sum")
+    (reference * 0.5).backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for mine, theirs in zip(ours, (features.grad, weight.grad, bias.grad), strict=True):
+        assert torch.allclose(mine, torch.nan_to_num(theirs), rtol=1e-5, atol=1e-6)
+    if masked:
+        assert ours[2][2] == 0 and ours[1][2].abs().max() == 0
+    with torch.inference_mode():
+        assert label_smoothed_loss(features, weight, target, 0.2, bias=bias)[0].item() == pytest.approx(loss.item())

@@ -64,6 +64,10 @@ class Seq2Seq(nn.Module):
         what the fused loss multiplies by."""
         return self.output.weight
 
+    def output_bias(self) -> Tensor | None:
+        """The (V,) bias added to those logits, if the model has one (`model.output_bias`)."""
+        return self.output.bias
+
     def flops_per_token(self, src_len: int, tgt_len: int) -> float:
         raise NotImplementedError
 
@@ -107,8 +111,9 @@ class Embeddings(nn.Module):
 
 
 def output_layer(config: ModelConfig, dim: int, tgt_embed: nn.Embedding) -> nn.Linear:
-    """Projection to target-vocabulary logits, without bias; its weight *is* the target table when tied."""
-    output = nn.Linear(dim, config.tgt_vocab_size, bias=False)
+    """Projection to target-vocabulary logits, with a bias only under `output_bias` (imported Marian models);
+    its weight *is* the target table when tied."""
+    output = nn.Linear(dim, config.tgt_vocab_size, bias=config.output_bias)
     if config.tie_output:
         if tgt_embed.embedding_dim != dim:
             raise NmtError(f"model.tie_output needs embeddings of size {dim}, got {tgt_embed.embedding_dim}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -110,12 +111,15 @@ class CrossAttention(nn.Module):
         return F.dropout(weights, dropout, self.training) @ values, weights
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU}
+POSITION_LAYOUTS = ("interleaved", "concatenated")
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, config: ModelConfig) -> None:
-        activation = nn.ReLU() if config.activation == "relu" else nn.GELU()
         super().__init__(
             nn.Linear(config.d_model, config.ffn_dim),
-            activation,
+            ACTIVATIONS[config.activation](),
             nn.Dropout(config.activation_dropout),
             nn.Linear(config.ffn_dim, config.d_model),
         )
@@ -181,8 +185,11 @@ class DecoderLayer(nn.Module):
         return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x))), weights
 
 
-def sinusoids(length: int, dim: int) -> Tensor:
-    """The fixed position encodings of Vaswani et al.: sin on even, cos on odd channels. (length, dim)"""
+def sinusoids(length: int, dim: int, layout: str = "interleaved") -> Tensor:
+    """The fixed position encodings of Vaswani et al., (length, dim): sin on even, cos on odd channels, or
+    "concatenated" as Marian lays them out (all sines, then all cosines)."""
+    if layout == "concatenated":
+        return concatenated_sinusoids(length, dim)
     position = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
     frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (D/2,)
     table = torch.zeros(length, dim)
@@ -191,14 +198,29 @@ def sinusoids(length: int, dim: int) -> Tensor:
     return table
 
 
+def concatenated_sinusoids(length: int, dim: int) -> Tensor:
+    """Marian's table as Hugging Face computes it: angles and sines in float64, rounded to float32 once.
+
+    Computed in float32 the table would differ from theirs by up to 5e-5, which imported models would feel.
+    """
+    channel = np.arange(dim)
+    angles = np.arange(length)[:, None] / np.power(10000, 2 * (channel // 2) / dim)[None, :]  # (L, D) float64
+    half = (dim + 1) // 2
+    table = np.empty((length, dim))
+    table[:, :half] = np.sin(angles[:, 0::2])
+    table[:, half:] = np.cos(angles[:, 1::2])
+    return torch.from_numpy(table).float()
+
+
 class Transformer(Seq2Seq):
     sentence_keys = frozenset({"mask", "cross_kv"})
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         check_choice("norm", config.norm, ("pre", "post"))
-        check_choice("activation", config.activation, ("relu", "gelu"))
+        check_choice("activation", config.activation, tuple(ACTIVATIONS))
         check_choice("positions", config.positions, ("sinusoidal", "learned"))
+        check_choice("position_layout", config.position_layout, POSITION_LAYOUTS)
         if config.d_model % config.heads:
             raise NmtError(f"model.d_model {config.d_model} is not divisible by model.heads {config.heads}")
         if config.enc_layers < 1 or config.dec_layers < 1:
@@ -210,7 +232,8 @@ class Transformer(Seq2Seq):
         if config.positions == "learned":
             self.learned_positions = nn.Embedding(config.max_positions, dim)
         else:
-            self.register_buffer("sinusoids", sinusoids(config.max_positions, dim), persistent=False)
+            table = sinusoids(config.max_positions, dim, config.position_layout)
+            self.register_buffer("sinusoids", table, persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.dec_layers))

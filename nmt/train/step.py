@@ -44,7 +44,8 @@ def update_workload(model: nn.Module, batch: Batch, label_smoothing: float) -> W
         try:
             with autocast(device, dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
-                loss, _ = label_smoothed_loss(features, model.output_projection(), batch.tgt_out, label_smoothing)
+                loss, _ = label_smoothed_loss(features, model.output_projection(), batch.tgt_out, label_smoothing,
+                                              bias=model.output_bias())
             loss.backward()
         finally:
             model.zero_grad(set_to_none=True)
@@ -96,7 +97,8 @@ class UpdateStep:
                     with autocast(self.device, self.amp_dtype):
                         features = self.ddp_model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                         loss, nll = label_smoothed_loss(
-                            features, self.model.output_projection(), batch.tgt_out, self.cfg.label_smoothing
+                            features, self.model.output_projection(), batch.tgt_out, self.cfg.label_smoothing,
+                            bias=self.model.output_bias(),
                         )
                     self.scaler.scale(loss).backward()
             except torch.OutOfMemoryError:

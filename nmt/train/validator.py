@@ -84,7 +84,7 @@ class Validator:
             with autocast(self.device, self.amp_dtype):
                 features = model(batch.src, batch.src_mask, batch.tgt_in, features_only=True)
                 loss, nll = label_smoothed_loss(features, model.output_projection(), batch.tgt_out,
-                                                self.label_smoothing)
+                                                self.label_smoothing, bias=model.output_bias())
             sums += torch.stack([loss.double(), nll.double(), sums.new_full((), float(batch.tgt_tokens))])
         loss_sum, nll_sum, tokens = dist.sum_tensor(sums).tolist()
         return {"loss": loss_sum / tokens, "ppl": math.exp(min(nll_sum / tokens, 50.0))}
