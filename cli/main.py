@@ -12,6 +12,7 @@ from cli.attention import attention
 from cli.common import on_sigterm
 from cli.evaluate import evaluate
 from cli.export import export
+from cli.importer import import_model
 from cli.plot import plot
 from cli.prepare import prepare
 from cli.serve import serve
@@ -57,6 +58,7 @@ app.command(name="eval")(evaluate)
 app.command(name="attention")(attention)
 app.command(name="plot")(plot)
 app.command(name="export")(export)
+app.command(name="import")(import_model)
 app.command(name="serve")(serve)
 
 

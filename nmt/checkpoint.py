@@ -41,7 +41,8 @@ class Checkpoint:
 
     def to_bytes(self) -> bytes:
         """Serialise once; the trainer writes the same bytes to several files."""
-        joint = self.src_tokenizer.model_bytes == self.tgt_tokenizer.model_bytes
+        joint = self.src_tokenizer == self.tgt_tokenizer
+        tables = (self.src_tokenizer.vocabulary, self.tgt_tokenizer.vocabulary)
         payload = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -52,6 +53,8 @@ class Checkpoint:
                 "src": self.src_tokenizer.model_bytes,
                 "tgt": None if joint else self.tgt_tokenizer.model_bytes,
                 "normalization": self.src_tokenizer.normalization,
+                # imported models' id tables (nmt.tokenizer); absent from every other checkpoint
+                **({"vocabularies": [list(t) if t else None for t in tables]} if any(tables) else {}),
             },
             "train_state": self.train_state,
             "metrics": self.metrics,
@@ -98,8 +101,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         )
     try:
         tokenizers = payload["tokenizers"]
-        src = Tokenizer(tokenizers["src"], tokenizers["normalization"])
-        tgt = src if tokenizers["tgt"] is None else Tokenizer(tokenizers["tgt"], tokenizers["normalization"])
+        src_table, tgt_table = tokenizers.get("vocabularies") or (None, None)
+        src = Tokenizer(tokenizers["src"], tokenizers["normalization"], src_table)
+        tgt = (src if tokenizers["tgt"] is None
+               else Tokenizer(tokenizers["tgt"], tokenizers["normalization"], tgt_table))
         return Checkpoint(
             config=from_dict(payload["config"]),
             model_state=payload["model"],

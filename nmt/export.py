@@ -32,6 +32,7 @@ from nmt import __version__
 from nmt.checkpoint import Checkpoint, load_checkpoint, stored_languages
 from nmt.config import DecodeConfig, ModelConfig, from_dict
 from nmt.errors import NmtError
+from nmt.id_table import read_table, vocabulary_file, write_table
 from nmt.io import OutputFolder, atomic_dir, check_output_dir, read_json
 from nmt.models.transformer import sinusoids
 from nmt.tokenizer import BOS_PIECE, EOS_PIECE, UNK_PIECE, Tokenizer
@@ -43,7 +44,8 @@ MANIFEST_FORMAT = "nmt-ctranslate2"
 MANIFEST_VERSION = 1
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which every nmt LayerNorm uses
 INSTALL_HINT = "CTranslate2 is not installed; install it with: pip install 'nmt[ct2]'"
-WRITTEN = {"model.bin", "config.json", MANIFEST, "spm.model", "src.model", "tgt.model",
+TOKENIZER_FILES = ("spm.model", "src.model", "tgt.model")
+WRITTEN = {"model.bin", "config.json", MANIFEST, *TOKENIZER_FILES, *map(vocabulary_file, TOKENIZER_FILES),
            *(f"{side}_vocabulary.{ext}" for side in ("shared", "source", "target") for ext in ("json", "txt"))}
 
 
@@ -163,10 +165,12 @@ def pieces(tokenizer: Tokenizer) -> list[str]:
 
 def write_tokenizers(folder: Path, checkpoint: Checkpoint) -> dict[str, str]:
     """Copy the SentencePiece models (one file when the vocabulary is joint); their names by side."""
-    joint = checkpoint.src_tokenizer.model_bytes == checkpoint.tgt_tokenizer.model_bytes
+    joint = checkpoint.src_tokenizer == checkpoint.tgt_tokenizer
     names = {"src": "spm.model", "tgt": "spm.model"} if joint else {"src": "src.model", "tgt": "tgt.model"}
     for side, tokenizer in (("src", checkpoint.src_tokenizer), ("tgt", checkpoint.tgt_tokenizer)):
         (folder / names[side]).write_bytes(tokenizer.model_bytes)
+        if tokenizer.vocabulary is not None:  # an imported model's id table, beside its SentencePiece model
+            write_table(folder / vocabulary_file(names[side]), tokenizer.vocabulary)
     return names
 
 
@@ -204,8 +208,8 @@ class ExportedModel:
                 raise NmtError(f"{path}: export format version {manifest.get('version')} is not supported by nmt "
                                f"{__version__} (expects {MANIFEST_VERSION}); export the checkpoint again")
             normalization = manifest["normalization"]
-            self.src_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["src"], normalization)
-            self.tgt_tokenizer = Tokenizer.load(folder / manifest["tokenizers"]["tgt"], normalization)
+            self.src_tokenizer, self.tgt_tokenizer = (exported_tokenizer(folder, manifest["tokenizers"][side],
+                                                                         normalization) for side in ("src", "tgt"))
             self.decode: DecodeConfig = from_dict({"decode": manifest["decode"]}).decode
             self.model: ModelConfig = from_dict({"model": manifest["model"]}).model
             self.max_positions: int = int(manifest["max_positions"])
@@ -213,3 +217,9 @@ class ExportedModel:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise NmtError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
         self.folder = folder
+
+
+def exported_tokenizer(folder: Path, name: str, normalization: str) -> Tokenizer:
+    """A tokenizer of an export folder, with its id table where `write_tokenizers` wrote one."""
+    table = folder / vocabulary_file(name)
+    return Tokenizer.load(folder / name, normalization, read_table(table) if table.is_file() else None)

@@ -8,6 +8,11 @@ Text is normalised in Python (Unicode NFC or NFKC, whitespace collapsed) and
 SentencePiece is trained with its identity rule, so `decode(encode(s)) == s`
 holds exactly for normalised text; byte fallback keeps unseen characters
 (emoji, rare scripts) instead of mapping them to <unk>.
+
+An imported model (nmt.importers) keeps its own SentencePiece models, whose ids are
+not the model's: its tokenizer carries an id table (the model's pieces in id order,
+<pad>, <unk>, <s>, </s> first), and pieces map to ids through it, unknown ones to <unk>,
+exactly as the original toolkit's tokenizer maps them.
 """
 
 from __future__ import annotations
@@ -84,9 +89,10 @@ def normalize(text: str, form: str = "NFC") -> str:
 
 
 class Tokenizer:
-    """A SentencePiece model plus the text normalisation applied before it."""
+    """A SentencePiece model plus the text normalisation applied before it, and an optional id table."""
 
-    def __init__(self, model_bytes: bytes, normalization: str = "NFC") -> None:
+    def __init__(self, model_bytes: bytes, normalization: str = "NFC",
+                 vocabulary: Sequence[str] | None = None) -> None:
         if normalization not in NORMALIZATIONS:
             raise NmtError(f"unknown normalisation {normalization!r}")
         self.model_bytes = bytes(model_bytes)
@@ -96,58 +102,90 @@ class Tokenizer:
             self._sp.LoadFromSerializedProto(self.model_bytes)
         except (RuntimeError, OSError):
             raise NmtError("not a valid SentencePiece model") from None
+        self.vocabulary = None if vocabulary is None else tuple(str(piece) for piece in vocabulary)
+        self._ids = None if self.vocabulary is None else _id_table(self.vocabulary)
         ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-        if ids != SPECIAL_IDS:
+        if self.vocabulary is None and ids != SPECIAL_IDS:
             raise NmtError(
                 f"SentencePiece model has special ids pad/unk/bos/eos={ids}, "
                 f"expected {SPECIAL_IDS}: train it with `nmt tokenizer`"
             )
 
     @classmethod
-    def load(cls, path: Path, normalization: str = "NFC") -> Tokenizer:
+    def load(cls, path: Path, normalization: str = "NFC", vocabulary: Sequence[str] | None = None) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise NmtError(f"{path}: no such tokenizer model")
         try:
-            return cls(path.read_bytes(), normalization)
+            return cls(path.read_bytes(), normalization, vocabulary)
         except NmtError as exc:
             raise NmtError(f"{path}: {exc} (expected a .model file from nmt tokenizer)") from None
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._sp.get_piece_size() if self.vocabulary is None else len(self.vocabulary)
 
     @property
     def checksum(self) -> str:
-        """SHA-256 of the model bytes: identifies the tokenizer data was encoded with."""
-        return hashlib.sha256(self.model_bytes).hexdigest()
+        """SHA-256 of the model bytes (and of the id table, if any): identifies the tokenizer data was encoded with."""
+        digest = hashlib.sha256(self.model_bytes)
+        if self.vocabulary is not None:
+            digest.update("\n".join(self.vocabulary).encode("utf-8"))
+        return digest.hexdigest()
 
     def normalize(self, text: str) -> str:
         return normalize(text, self.normalization)
 
     def encode(self, text: str) -> list[int]:
         """Normalise and encode to ids, without BOS/EOS (callers add what they need)."""
-        return self._sp.encode(self.normalize(text))
+        if self._ids is None:
+            return self._sp.encode(self.normalize(text))
+        return self._table_ids(self._sp.encode(self.normalize(text), out_type=str))
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         """Encode many texts at once; SentencePiece spreads them over `num_threads` (0 = all)."""
-        return self._sp.encode([self.normalize(t) for t in texts], num_threads=num_threads)
+        normalized = [self.normalize(t) for t in texts]
+        if self._ids is None:
+            return self._sp.encode(normalized, num_threads=num_threads)
+        return [self._table_ids(pieces) for pieces in self._sp.encode(normalized, out_type=str,
+                                                                      num_threads=num_threads)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text, dropping special ids (pad, bos, eos) wherever they stand."""
-        return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)])
+        kept = [i for i in ids if i not in (PAD_ID, BOS_ID, EOS_ID)]
+        if self.vocabulary is None:
+            return self._sp.decode(kept)
+        # a shared table holds the other side's pieces too, which SentencePiece returns verbatim: their word
+        # marks made spaces, as Hugging Face's MarianTokenizer does
+        return self._sp.decode_pieces([self.vocabulary[i] for i in kept]).replace("\u2581", " ").strip()
 
     def id_to_piece(self, index: int) -> str:
-        return self._sp.id_to_piece(index)
+        return self._sp.id_to_piece(index) if self.vocabulary is None else self.vocabulary[index]
+
+    def _table_ids(self, pieces: list[str]) -> list[int]:
+        assert self._ids is not None
+        return [self._ids.get(piece, UNK_ID) for piece in pieces]
 
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, Tokenizer)
             and self.model_bytes == other.model_bytes
             and self.normalization == other.normalization
+            and self.vocabulary == other.vocabulary
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _id_table(vocabulary: tuple[str, ...]) -> dict[str, int]:
+    """piece -> id of an imported model's id table, which must put nmt's special pieces at nmt's special ids."""
+    if vocabulary[: len(SPECIAL_IDS)] != (PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE):
+        raise NmtError(f"an id table must start with {PAD_PIECE}, {UNK_PIECE}, {BOS_PIECE}, {EOS_PIECE}, "
+                       f"got {', '.join(vocabulary[:4])}")
+    table = {piece: index for index, piece in enumerate(vocabulary)}
+    if len(table) != len(vocabulary):
+        raise NmtError("an id table holds a piece twice")
+    return table
 
 
 @dataclass

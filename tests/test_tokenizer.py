@@ -183,3 +183,28 @@ def test_auto_size_moves_to_what_sentencepiece_can_build(corpus_dir: Path, tmp_p
     (tmp_path / "cjk.txt").write_text("".join(" ".join(chars[i:i + 50]) + "\n" for i in range(0, 2_500, 50)))
     many = train_sentencepiece([tmp_path / "cjk.txt"], tmp_path / "many")
     assert Tokenizer.load(many.model).vocab_size == many.vocab_size > 2_500 + 256
+
+
+def test_an_id_table_gives_ids_through_pieces_and_survives_checkpoints(joint_spm: Path, tmp_path: Path) -> None:
+    """An imported model's tokenizer: ids are positions in its table, pieces outside the table are <unk>, and
+    decoding turns pieces the SentencePiece model lacks into words too."""
+    import torch
+
+    from nmt.checkpoint import Checkpoint, load_checkpoint
+    from nmt.config import Config
+
+    plain, text = Tokenizer.load(joint_spm), "ein mann läuft"
+    found = [plain.id_to_piece(i) for i in plain.encode(text)]
+    pieces = [plain.id_to_piece(i) for i in range(4, plain.vocab_size) if plain.id_to_piece(i) != found[1]]
+    table = ["<pad>", "<unk>", "<s>", "</s>", *reversed(pieces), "▁zebra"]
+    tokenizer = Tokenizer(plain.model_bytes, vocabulary=table)
+    expected = [UNK_ID if p == found[1] else table.index(p) for p in found]
+    assert tokenizer.encode(text) == tokenizer.encode_batch([text])[0] == expected and UNK_ID in expected
+    assert tokenizer.vocab_size == len(table) and tokenizer.checksum != plain.checksum and tokenizer != plain
+    word = next(p for p in pieces if p.startswith("▁") and p[1:].isalpha())
+    assert tokenizer.decode([table.index(word), table.index("▁zebra"), EOS_ID]) == f"{word[1:]} zebra"
+    Checkpoint(Config(), {"w": torch.zeros(1)}, tokenizer, tokenizer).save(tmp_path / "model.pt")
+    loaded = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.src_tokenizer == loaded.tgt_tokenizer == tokenizer
+    with pytest.raises(NmtError, match="must start with <pad>, <unk>, <s>, </s>"):
+        Tokenizer(plain.model_bytes, vocabulary=table[1:])

@@ -38,6 +38,7 @@ from nmt.data.store import (
     tokenizer_files,
 )
 from nmt.errors import NmtError
+from nmt.id_table import vocabulary_file, write_table
 from nmt.io import OutputFolder, atomic_dir, read_json
 from nmt.progress import SILENT, Reporter
 from nmt.tokenizer import AUTO, Tokenizer, VocabSize, train_sentencepiece
@@ -53,8 +54,9 @@ def _is_meta(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-PREPARED_FOLDER = OutputFolder("nmt prepare", META, {META, "train", *HELD_OUT, *tokenizer_files(True).values(),
-                                                    *tokenizer_files(False).values()}.__contains__, _is_meta)
+_TOKENIZER_FILES = {*tokenizer_files(True).values(), *tokenizer_files(False).values()}
+PREPARED_FOLDER = OutputFolder("nmt prepare", META, {META, "train", *HELD_OUT, *_TOKENIZER_FILES,
+                                                    *map(vocabulary_file, _TOKENIZER_FILES)}.__contains__, _is_meta)
 
 
 @dataclass
@@ -113,7 +115,7 @@ def prepare(
         splits = _resolve_splits(sources, reporter)
         counts, cleaner = _read_splits(splits, tmp, scratch, clean, chunk_size, reporter)
         src_tok, tgt_tok, vocab_reason = _tokenizers(tokenizers, scratch, clean.normalization, num_threads, reporter)
-        joint = src_tok.model_bytes == tgt_tok.model_bytes
+        joint = src_tok == tgt_tok
         dtype = ids_dtype(max(src_tok.vocab_size, tgt_tok.vocab_size))
         stats = {}
         for name in splits:
@@ -124,9 +126,7 @@ def prepare(
             if name in counts:
                 counts[name].kept = counts[name].read
         shutil.rmtree(scratch)
-        files = tokenizer_files(joint)
-        for side, tokenizer in (("src", src_tok), ("tgt", tgt_tok)):
-            (tmp / files[side]).write_bytes(tokenizer.model_bytes)
+        stored = _store_tokenizers(tmp, (src_tok, tgt_tok), joint)
         meta = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -139,8 +139,7 @@ def prepare(
                 "joint": joint,
                 "trained": ({**asdict(tokenizers), "vocab_reason": vocab_reason}
                             if isinstance(tokenizers, TokenizerTraining) else None),
-                **{side: {"file": files[side], "sha256": tok.checksum, "vocab_size": tok.vocab_size}
-                   for side, tok in (("src", src_tok), ("tgt", tgt_tok))},
+                **stored,
             },
             "cleaning": clean.to_dict(),
             "splits": {name: {"source": splits[name].describe(), "counts": counts[name].to_dict(), **stats[name]}
@@ -150,6 +149,19 @@ def prepare(
         }
         (tmp / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return PreparedData.open(out)
+
+
+def _store_tokenizers(folder: Path, tokenizers: tuple[Tokenizer, Tokenizer], joint: bool) -> dict[str, Any]:
+    """Copy each side's SentencePiece model (one file when joint) and an imported model's id table into the
+    data folder; what meta.json says of each side."""
+    files, meta = tokenizer_files(joint), {}
+    for side, tokenizer in zip(("src", "tgt"), tokenizers, strict=True):
+        (folder / files[side]).write_bytes(tokenizer.model_bytes)
+        meta[side] = {"file": files[side], "sha256": tokenizer.checksum, "vocab_size": tokenizer.vocab_size}
+        if tokenizer.vocabulary is not None:
+            meta[side]["vocabulary"] = vocabulary_file(files[side])
+            write_table(folder / meta[side]["vocabulary"], tokenizer.vocabulary)
+    return meta
 
 
 def _read_splits(splits: dict[str, PairSource], tmp: Path, scratch: Path, clean: CleanConfig, chunk_size: int,
@@ -246,7 +258,8 @@ def _tokenizers(tokenizers: Tokenizers, scratch: Path, normalization: str, num_t
     """The given tokenizers (used with the data's normalisation), or new ones trained on train; then why
     their vocabulary size, when it was chosen automatically."""
     if not isinstance(tokenizers, TokenizerTraining):
-        return (*(Tokenizer(t.model_bytes, normalization) for t in tokenizers), "")  # type: ignore[return-value]
+        return (*(Tokenizer(t.model_bytes, normalization, t.vocabulary)  # type: ignore[return-value]
+                  for t in tokenizers), "")
     spec = tokenizers
     groups = ([("src", ["train.src"]), ("tgt", ["train.tgt"])] if spec.separate
               else [("spm", ["train.src", "train.tgt"])])

@@ -28,6 +28,7 @@ import numpy as np
 
 from nmt.data.batch import Batch, terminated
 from nmt.errors import NmtError
+from nmt.id_table import read_table
 from nmt.tokenizer import PAD_ID, Tokenizer
 
 FORMAT = "nmt-data"
@@ -227,7 +228,9 @@ class PreparedData:
         tokenizers = []
         for side in SIDES:
             model = path / info[side]["file"]
-            tokenizer = Tokenizer.load(model, meta["normalization"])
+            table = info[side].get("vocabulary")
+            tokenizer = Tokenizer.load(model, meta["normalization"],
+                                       None if table is None else read_table(path / table))
             if tokenizer.checksum != info[side]["sha256"]:
                 raise NmtError(f"{model}: tokenizer does not match the one the data was encoded with "
                                f"(see {path / META})")
