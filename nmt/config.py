@@ -22,6 +22,9 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("auto", "linear", "cosine", "wsd", "inverse_sqrt", "noam", "plateau", "constant")
 BUDGETED_SCHEDULERS = ("linear", "cosine", "wsd")  # decay to train.min_lr exactly when the run's budget ends
 HIGHER_IS_BETTER = {"bleu": True, "chrf": True, "loss": False, "ppl": False}  # the metrics train.best_metric may name
+MAX_ALPHA = 10.0  # the largest length penalty exponent accepted anywhere (CLI, config, server): lp stays finite
+MODEL_SIZES = ("enc_layers", "dec_layers", "d_model", "heads", "ffn_dim", "max_positions", "embed_dim", "hidden_size")
+DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")
 
 
 @dataclass
@@ -337,6 +340,35 @@ def validate(config: Config) -> None:
                            "above train.warmup")
     if not 0 < train.decay_fraction <= 1:
         raise NmtError(f"train.decay_fraction must be in (0, 1], got {train.decay_fraction}")
+    if not all(0 <= beta < 1 for beta in train.adam_betas):
+        raise NmtError(f"train.adam_betas must each be in [0, 1), got {list(train.adam_betas)}")
+    if not (train.adam_eps > 0 and math.isfinite(train.adam_eps)):
+        raise NmtError(f"train.adam_eps must be a positive number, got {train.adam_eps}")
+    if not math.isfinite(train.weight_decay):
+        raise NmtError(f"train.weight_decay must be a finite number, got {train.weight_decay}")
+    validate_model(config.model)
+    validate_decode(config.decode)
+
+
+def validate_model(model: ModelConfig) -> None:
+    """Sizes and dropouts of either architecture (the models check their own choices of layout when built)."""
+    for name in MODEL_SIZES:
+        _check_at_least(f"model.{name}", getattr(model, name), 2 if name == "max_positions" else 1)
+    if model.d_model % model.heads:
+        raise NmtError(f"model.d_model {model.d_model} is not divisible by model.heads {model.heads}")
+    for name in DROPOUTS:
+        if not 0 <= getattr(model, name) < 1:  # NaN too
+            raise NmtError(f"model.{name} must be in [0, 1), got {getattr(model, name)}")
+
+
+def validate_decode(decode: DecodeConfig) -> None:
+    """The decoding defaults every checkpoint of the run will carry: checked before training, not after."""
+    from nmt.search import check_options  # imported here: search is built on this module
+
+    try:
+        check_options(decode)
+    except NmtError as exc:
+        raise NmtError(f"[decode] {exc}") from None
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -32,12 +32,14 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from nmt.config import DecodeConfig
+from nmt.config import MAX_ALPHA, DecodeConfig
 from nmt.errors import NmtError
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 PENALTIES = ("gnmt", "average")
 NEG_INF = float("-inf")
+PENALTY_MAX = torch.finfo(torch.float32).max  # the penalty table is float32
+MAX_OUTPUT = 1 << 20  # tokens: an output limit above this is an overflow of a * src_len + b, not a length
 
 
 def sync_interval(device: torch.device) -> int:
@@ -77,13 +79,16 @@ class Hypothesis:
 def length_penalty(length: int, config: DecodeConfig) -> float:
     """lp(length) that raw scores are divided by; computed in Python so it never depends on the batch."""
     base = (5.0 + length) / 6.0 if config.length_penalty == "gnmt" else float(length)
-    return base**config.alpha
+    try:  # alpha <= MAX_ALPHA keeps it finite for any real length; never an overflow, whatever it is given
+        return min(base**config.alpha, PENALTY_MAX)
+    except OverflowError:
+        return PENALTY_MAX
 
 
 def max_output_lengths(src_mask: Tensor, config: DecodeConfig, max_positions: int | None) -> Tensor:
     """Longest output of each sentence, EOS included: floor(a * src_len + b), within [1, max_positions]."""
     src_len = src_mask.sum(1).double()  # (B,) real source positions
-    limit = torch.floor(config.max_len_a * src_len + config.max_len_b).long()
+    limit = torch.floor(config.max_len_a * src_len + config.max_len_b).clamp(max=MAX_OUTPUT).long()
     if max_positions is not None:
         limit = limit.clamp(max=max_positions)
     return limit.clamp(min=1)
@@ -278,8 +283,8 @@ def check_options(config: DecodeConfig) -> None:
         raise NmtError(f"nbest {config.nbest} is larger than the beam size {config.beam}")
     if config.length_penalty not in PENALTIES:
         raise NmtError(f"unknown length penalty {config.length_penalty!r}; choose one of {', '.join(PENALTIES)}")
-    if not (math.isfinite(config.alpha) and config.alpha >= 0):
-        raise NmtError(f"alpha (the length penalty exponent) must be a finite number >= 0, got {config.alpha}")
+    if not 0 <= config.alpha <= MAX_ALPHA:  # NaN too
+        raise NmtError(f"alpha (the length penalty exponent) must be in [0, {MAX_ALPHA:g}], got {config.alpha}")
     if not (math.isfinite(config.max_len_a) and config.max_len_a >= 0) or config.max_len_b < 0:
         raise NmtError(f"max-len-a and max-len-b must be >= 0 (the output limit is a * source length + b), "
                        f"got {config.max_len_a} and {config.max_len_b}")

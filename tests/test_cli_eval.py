@@ -230,7 +230,7 @@ def test_model_translates_and_scores_like_translate_then_eval(copy_model: Path, 
         (["-m", "{missing}", "--src", "{hyp}"], "{missing}: no such checkpoint"),
         (["-m", "{model}", "--src", "{hyp}", "--quantize", "int4"], "unknown quantization 'int4'"),
         (["-m", "{model}", "--src", "{hyp}", "--beam", "2", "--alpha", "nan"],
-         "alpha (the length penalty exponent) must be a finite number >= 0, got nan"),
+         "alpha (the length penalty exponent) must be in [0, 10], got nan"),
     ],
 )
 def test_model_errors(files: dict[str, Path], copy_model: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -173,9 +173,11 @@ def test_invalid_utf8_stops_or_is_replaced(copy_model: Path, tmp_path: Path) -> 
         (["-m", "{model}", "-i", "{missing}"], "{missing}: no such file"),
         (["-m", "{model}", "--length-penalty", "cubic"], "unknown length penalty 'cubic'"),
         (["-m", "{model}", "--beam", "2", "--alpha", "nan"],
-         "alpha (the length penalty exponent) must be a finite number >= 0, got nan"),
+         "alpha (the length penalty exponent) must be in [0, 10], got nan"),
         (["-m", "{model}", "--alpha", "-1"],
-         "alpha (the length penalty exponent) must be a finite number >= 0, got -1.0"),
+         "alpha (the length penalty exponent) must be in [0, 10], got -1.0"),
+        (["-m", "{model}", "--beam", "2", "--alpha", "1e308"],  # once an overflow traceback in the penalty
+         "alpha (the length penalty exponent) must be in [0, 10], got 1e+308"),
         (["-m", "{model}", "--sample", "--temperature", "inf"],
          "sampling temperature must be a finite positive number, got inf"),
         (["-m", "{model}", "--sample", "--temperature", "nan"],

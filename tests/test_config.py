@@ -98,6 +98,27 @@ def train_config(*items: str) -> Config:
         (["train.scheduler=cosine", "train.warmup=100"], r"^scheduler cosine decays to the end of the run's budget"),
         (["train.scheduler=wsd", "train.max_updates=100"], r"^scheduler wsd needs train.max_updates .* train.warmup$"),
         (["train.decay_fraction=0"], r"^train.decay_fraction must be in \(0, 1\], got 0.0$"),
+        (["train.adam_betas=[2.0, -1.0]"], r"^train.adam_betas must each be in \[0, 1\), got \[2.0, -1.0\]$"),
+        (["train.adam_eps=-1"], r"^train.adam_eps must be a positive number, got -1.0$"),
+        (["train.weight_decay=inf"], r"^train.weight_decay must be a finite number, got inf$"),
+        (["model.heads=0"], r"^model.heads must be at least 1, got 0$"),  # once a ZeroDivisionError traceback
+        (["model.d_model=-8"], r"^model.d_model must be at least 1, got -8$"),
+        (["model.ffn_dim=-1"], r"^model.ffn_dim must be at least 1, got -1$"),
+        (["model.ffn_dim=0"], r"^model.ffn_dim must be at least 1, got 0$"),  # once trained silently
+        (["model.hidden_size=0"], r"^model.hidden_size must be at least 1, got 0$"),
+        (["model.enc_layers=0"], r"^model.enc_layers must be at least 1, got 0$"),
+        (["model.max_positions=1"], r"^model.max_positions must be at least 2, got 1$"),
+        (["model.d_model=30"], r"^model.d_model 30 is not divisible by model.heads 4$"),
+        (["model.dropout=-0.1"], r"^model.dropout must be in \[0, 1\), got -0.1$"),
+        (["model.dropout=1.5"], r"^model.dropout must be in \[0, 1\), got 1.5$"),
+        (["model.dropout=nan"], r"^model.dropout must be in \[0, 1\), got nan$"),
+        (["model.attention_dropout=-1"], r"^model.attention_dropout must be in \[0, 1\), got -1.0$"),
+        (["model.activation_dropout=1"], r"^model.activation_dropout must be in \[0, 1\), got 1.0$"),
+        # [decode] is stored in every checkpoint: refused before training, not when translating an hour later
+        (["decode.beam=0"], r"^\[decode\] beam size must be at least 1, got 0$"),
+        (['decode.length_penalty="bogus"'], r"^\[decode\] unknown length penalty 'bogus'; choose one of gnmt"),
+        (["decode.nbest=6"], r"^\[decode\] nbest 6 is larger than the beam size 5$"),
+        (["decode.alpha=1e308"], r"^\[decode\] alpha \(the length penalty exponent\) must be in \[0, 10\]"),
     ],
 )
 def test_validate_rejects_bad_training_options(items: list[str], message: str) -> None:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from nmt.config import DecodeConfig
+from nmt.config import MAX_ALPHA, DecodeConfig
 from nmt.errors import NmtError
 from nmt.search import (
     Hypothesis,
     beam_search,
     greedy_search,
+    length_penalty,
     max_output_lengths,
     search,
 )
@@ -397,9 +398,10 @@ def test_sampling_seeded_and_truncated(device: str) -> None:
         ({"sampling": True, "temperature": 0.0}, "temperature must be a finite positive number, got 0.0"),
         ({"sampling": True, "temperature": float("nan")}, "temperature must be a finite positive number, got nan"),
         ({"sampling": True, "temperature": float("inf")}, "temperature must be a finite positive number, got inf"),
-        ({"alpha": float("nan")}, r"alpha \(the length penalty exponent\) must be a finite number >= 0, got nan"),
+        ({"alpha": float("nan")}, r"alpha \(the length penalty exponent\) must be in \[0, 10\], got nan"),
         ({"alpha": float("inf")}, "alpha .* got inf"),
         ({"alpha": -0.5}, "alpha .* got -0.5"),
+        ({"alpha": 10.5}, r"alpha \(the length penalty exponent\) must be in \[0, 10\], got 10.5"),
         ({"max_len_b": -5}, "max-len-a and max-len-b must be >= 0 .* got 1.5 and -5"),
         ({"max_len_a": -1.0}, "max-len-a and max-len-b must be >= 0"),
         ({"max_len_a": 0.0, "max_len_b": 0}, "max-len-b must be at least 1 when max-len-a is 0"),
@@ -413,6 +415,16 @@ def test_bad_options_are_named(options: dict, message: str) -> None:
     src, mask = batch_of([[4, 5]])
     with pytest.raises(NmtError, match=message):
         search(ToyModel(vocab=6), src, mask, DecodeConfig(**options))
+
+
+def test_penalties_and_length_limits_never_overflow() -> None:
+    """Whatever a DecodeConfig holds (the options are checked before search, this is the last defence):
+    the penalty stays a finite float32, and a huge max_len_a does not wrap around to an empty output."""
+    assert length_penalty(10**6, DecodeConfig(alpha=1e308, length_penalty="average")) == torch.finfo().max
+    assert length_penalty(1000, DecodeConfig(alpha=MAX_ALPHA)) == pytest.approx((1005 / 6) ** MAX_ALPHA)
+    _, mask = batch_of([[4, 5, 6]])
+    assert max_output_lengths(mask, DecodeConfig(max_len_a=1e300), None).tolist() == [1 << 20]
+    assert max_output_lengths(mask, DecodeConfig(max_len_a=1e300), 64).tolist() == [64]
 
 
 @pytest.fixture(params=[("transformer", 1.0), ("transformer", 2.0), ("lstm", 1.0), ("lstm", 2.0), ("gru", 2.0),

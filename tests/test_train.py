@@ -288,6 +288,25 @@ def test_data_errors_say_what_the_path_is(toy_data: Path, tmp_path: Path, monkey
         Trainer(resolve(overrides=[f'train.run_dir="{run}"', "train.max_updates=2"], resume=True), resume=True)
 
 
+def test_bad_options_fail_before_any_work_in_one_line(toy_data: Path, tmp_path: Path) -> None:
+    """A vocabulary size in the config was once silently replaced, and heads=0 a ZeroDivisionError traceback."""
+    with pytest.raises(NmtError, match=r"^model.src_vocab_size 5 differs from the tokenizer's 300 in .*data: "
+                                       r"vocabulary sizes come from the tokenizer; leave them unset$"):
+        Trainer(make_config(toy_data, tmp_path / "a", "model.src_vocab_size=5"))
+    Trainer(make_config(toy_data, tmp_path / "b", "model.src_vocab_size=300"))  # as a stored config.toml has it
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    for option, message in (("model.heads=0", "model.heads must be at least 1, got 0"),
+                            ('decode.length_penalty="bogus"', "[decode] unknown length penalty 'bogus'")):
+        result = CliRunner().invoke(app, ["train", "--data", str(toy_data), "--run-dir", str(tmp_path / "c"),
+                                          "--set", option])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+        assert not (tmp_path / "c").exists()
+
+
 class RecordingMonitor(SilentMonitor):
     def __init__(self) -> None:
         self.tasks: list[list] = []

@@ -289,7 +289,13 @@ def open_data(path: Path, resumed: bool) -> PreparedData:
 
 
 def fill_vocabulary(model: ModelConfig, data: PreparedData) -> None:
-    """The vocabulary sizes come from the data's tokenizers, never from the config file."""
+    """The vocabulary sizes come from the data's tokenizers; a different size set in the config is refused,
+    never silently replaced (a resumed run's stored sizes are the data's)."""
+    for side, tokenizer in (("src", data.src_tokenizer), ("tgt", data.tgt_tokenizer)):
+        given = getattr(model, f"{side}_vocab_size")
+        if given and given != tokenizer.vocab_size:
+            raise NmtError(f"model.{side}_vocab_size {given} differs from the tokenizer's {tokenizer.vocab_size} "
+                           f"in {data.path}: vocabulary sizes come from the tokenizer; leave them unset")
     model.src_vocab_size = data.src_tokenizer.vocab_size
     model.tgt_vocab_size = data.tgt_tokenizer.vocab_size
     model.joint_vocab = data.joint
