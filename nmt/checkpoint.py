@@ -18,6 +18,7 @@ import torch
 
 from nmt import __version__
 from nmt.config import Config, from_dict, to_dict
+from nmt.data.sources import language_code
 from nmt.errors import NmtError
 from nmt.io import atomic_path
 from nmt.tokenizer import Tokenizer
@@ -151,8 +152,13 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
 
 
 def stored_languages(stored: Any) -> tuple[str, str] | None:
-    """Stored [source, target] codes (a checkpoint's or an export's); None in files from before they were stored."""
-    return (str(stored[0]), str(stored[1])) if stored else None
+    """Stored [source, target] codes (a checkpoint's or an export's), checked as --pair's are;
+    None in files from before they were stored."""
+    if stored is None:
+        return None
+    if not (isinstance(stored, (list, tuple)) and len(stored) == 2 and all(isinstance(c, str) for c in stored)):
+        raise NmtError(f"languages must be [source, target] language codes, as [\"en\", \"de\"], got {stored!r}")
+    return language_code(stored[0], "the source language"), language_code(stored[1], "the target language")
 
 
 def _first_words(exc: Exception) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from nmt.config import DecodeConfig
 from nmt.data import pad_sources
 from nmt.errors import NmtError
-from nmt.export import ExportedModel, pieces, require_ctranslate2
+from nmt.export import ExportedModel, damaged_model_file, pieces, require_ctranslate2
 from nmt.precision import Precision
 from nmt.search import Hypothesis, check_options, length_penalty, max_output_lengths
 from nmt.tokenizer import EOS_ID
@@ -68,6 +68,9 @@ class CT2Translator(Translator):
             self.engine = ctranslate2.Translator(str(folder), device=kind, device_index=index,
                                                  compute_type=compute_type, intra_threads=threads)
         except (RuntimeError, ValueError) as exc:
+            if damaged_model_file(Path(folder) / "model.bin"):
+                raise NmtError(f"{Path(folder) / 'model.bin'}: damaged (not a CTranslate2 model); "
+                               "export the checkpoint again") from None
             raise NmtError(f"{folder}: CTranslate2 cannot load it ({str(exc).splitlines()[0]})") from None
         self.precision = Precision(self.engine.compute_type, f"CTranslate2 on {self.engine.device}")
         self.ctranslate2 = ctranslate2

@@ -21,6 +21,7 @@ own fairseq and OpenNMT-py converters; the parts where nmt differs from their de
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
@@ -30,18 +31,21 @@ import numpy as np
 
 from nmt import __version__
 from nmt.checkpoint import Checkpoint, load_checkpoint, stored_languages
-from nmt.config import DecodeConfig, ModelConfig, from_dict
+from nmt.config import DecodeConfig, ModelConfig, from_dict, validate_model
 from nmt.errors import NmtError
 from nmt.id_table import read_table, vocabulary_file, write_table
 from nmt.io import OutputFolder, atomic_dir, check_output_dir, read_json
 from nmt.models.transformer import sinusoids
-from nmt.tokenizer import BOS_PIECE, EOS_PIECE, UNK_PIECE, Tokenizer
+from nmt.search import check_options
+from nmt.tokenizer import BOS_PIECE, EOS_PIECE, NORMALIZATIONS, UNK_PIECE, Tokenizer
 
 FORMATS = ("ctranslate2",)
 QUANTIZATIONS = ("none", "int8", "int16", "float16")
 MANIFEST = "nmt.json"
 MANIFEST_FORMAT = "nmt-ctranslate2"
 MANIFEST_VERSION = 1
+VOCABULARY_BYTES = 64 << 20  # CTranslate2's vocabulary files: about 20 bytes a piece
+SPEC_NAME_BYTES = 64
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which every nmt LayerNorm uses
 INSTALL_HINT = "CTranslate2 is not installed; install it with: pip install 'nmt[ct2]'"
 TOKENIZER_FILES = ("spm.model", "src.model", "tgt.model")
@@ -191,7 +195,8 @@ def manifest_of(checkpoint: Checkpoint, tokenizers: dict[str, str], quantize: st
 
 
 class ExportedModel:
-    """What `nmt.json` describes: the tokenizers, the decoding defaults and the model's length limit."""
+    """What `nmt.json` describes, checked once with its types and ranges: the tokenizers (whose pieces must be
+    CTranslate2's vocabulary, in order), the decoding defaults, the model and its length limit, the languages."""
 
     def __init__(self, folder: Path) -> None:
         folder = Path(folder)
@@ -200,23 +205,87 @@ class ExportedModel:
             raise NmtError(f"{folder}: not a folder; CTranslate2 models are folders written by nmt export")
         if not path.is_file():
             raise NmtError(f"{folder}: no {MANIFEST}, so not a folder written by nmt export")
+        manifest = read_json(path)
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise NmtError(f"{path}: not an nmt export manifest")
+        if manifest.get("version") != MANIFEST_VERSION:
+            raise NmtError(f"{path}: export format version {manifest.get('version')} is not supported by nmt "
+                           f"{__version__} (expects {MANIFEST_VERSION}); export the checkpoint again")
         try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-            if manifest.get("format") != MANIFEST_FORMAT:
-                raise NmtError(f"{path}: not an nmt export manifest")
-            if manifest.get("version") != MANIFEST_VERSION:
-                raise NmtError(f"{path}: export format version {manifest.get('version')} is not supported by nmt "
-                               f"{__version__} (expects {MANIFEST_VERSION}); export the checkpoint again")
-            normalization = manifest["normalization"]
-            self.src_tokenizer, self.tgt_tokenizer = (exported_tokenizer(folder, manifest["tokenizers"][side],
-                                                                         normalization) for side in ("src", "tgt"))
+            names = _tokenizer_names(manifest["tokenizers"])
+            normalization = _choice("normalization", manifest["normalization"], NORMALIZATIONS)
+            self.max_positions: int = _whole("max_positions", manifest["max_positions"], least=2)
             self.decode: DecodeConfig = from_dict({"decode": manifest["decode"]}).decode
+            check_options(self.decode)
             self.model: ModelConfig = from_dict({"model": manifest["model"]}).model
-            self.max_positions: int = int(manifest["max_positions"])
+            validate_model(self.model)
             self.languages = stored_languages(manifest.get("languages"))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise NmtError(f"{path}: damaged manifest ({type(exc).__name__}: {exc})") from None
+        except KeyError as exc:
+            raise NmtError(f"{path}: damaged manifest (no {exc})") from None
+        except NmtError as exc:
+            raise NmtError(f"{path}: {exc}") from None
+        self.src_tokenizer = exported_tokenizer(folder, names["src"], normalization)
+        self.tgt_tokenizer = exported_tokenizer(folder, names["tgt"], normalization)
         self.folder = folder
+        for side, tokenizer in (("source", self.src_tokenizer), ("target", self.tgt_tokenizer)):
+            check_vocabulary(folder, side, names["src" if side == "source" else "tgt"], pieces(tokenizer))
+
+
+def _tokenizer_names(stored: Any) -> dict[str, str]:
+    """The tokenizer file of each side: plain names of files in the folder."""
+    if not (isinstance(stored, dict) and all(isinstance(stored.get(side), str) for side in ("src", "tgt"))):
+        raise NmtError(f"tokenizers must name a file per side, as {{\"src\": \"spm.model\", ...}}, got {stored!r}")
+    for name in (stored["src"], stored["tgt"]):
+        if Path(name).name != name or name.startswith("."):
+            raise NmtError(f"tokenizers must be file names in the folder, got {name!r}")
+    return {"src": stored["src"], "tgt": stored["tgt"]}
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise NmtError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _whole(key: str, value: Any, least: int) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        raise NmtError(f"{key} must be a whole number of at least {least}, got {value!r}")
+    return value
+
+
+def check_vocabulary(folder: Path, side: str, tokenizer: str, expected: list[str]) -> None:
+    """CTranslate2's vocabulary of one side is the tokenizer's pieces in id order; a tokenizer swapped for
+    another would translate into the wrong words with exit 0."""
+    names = ("shared_vocabulary.json", f"{side}_vocabulary.json")
+    path = next((folder / name for name in names if (folder / name).is_file()), None)
+    if path is None:
+        raise NmtError(f"{folder}: no {side} vocabulary ({' or '.join(names)}); export the checkpoint again")
+    found = read_json(path, max_bytes=VOCABULARY_BYTES)
+    if found == expected:
+        return
+    if isinstance(found, list) and len(found) == len(expected):
+        index = next(i for i, (a, b) in enumerate(zip(found, expected, strict=True)) if a != b)
+        where = f"piece {index} is {expected[index]!r} against {found[index]!r}"
+    else:
+        where = f"{len(expected)} pieces against {len(found) if isinstance(found, list) else 'no list'}"
+    raise NmtError(f"{folder}: {tokenizer} does not match CTranslate2's {path.name} ({where}); "
+                   "the files do not belong together: export the checkpoint again")
+
+
+def damaged_model_file(path: Path) -> bool:
+    """True when `path` does not begin as CTranslate2 writes model.bin (a small version number, then the spec's
+    name, such as TransformerSpec): damaged, not from a later CTranslate2."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6 + SPEC_NAME_BYTES)
+    except OSError:
+        return False  # CTranslate2's own message says what is wrong
+    if len(head) < 6:
+        return True
+    version, length = struct.unpack("<IH", head[:6])
+    name = head[6:5 + length]
+    return not (0 < version < 1000 and 1 < length <= SPEC_NAME_BYTES and name.isascii()
+                and name.decode("ascii").isidentifier() and head[5 + length:6 + length] == b"\0")
 
 
 def exported_tokenizer(folder: Path, name: str, normalization: str) -> Tokenizer:

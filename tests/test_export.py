@@ -284,7 +284,7 @@ def test_bad_folders_and_options_are_one_line_errors(copy_model: Path, tmp_path:
     manifest = json.loads((future / "nmt.json").read_text())
     (future / "nmt.json").write_text(json.dumps({**manifest, "version": 99}))
     cases = [
-        (["translate", "--engine", "ctranslate2", "-m", str(damaged)], "damaged manifest"),
+        (["translate", "--engine", "ctranslate2", "-m", str(damaged)], "damaged/nmt.json: not valid JSON"),
         (["translate", "--engine", "ctranslate2", "-m", str(future)], "export format version 99 is not supported"),
         (["export", str(copy_model), "-o", str(folder)], "already exists"),
         (["export", str(copy_model), "-o", str(tmp_path / "x"), "--quantize", "int4"], "unknown quantization 'int4'"),
