@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cli.common import console, handle_errors, reporting, summary_table
-from cli.translate import build_translator
+from cli.translate import build_translator, warn
 from nmt.attention import attention_maps
 from nmt.errors import NmtError
 from nmt.io import LineStream, check_output_dir, read_lines
@@ -56,6 +56,9 @@ def attention(
     with reporting() as reporter:
         maps = attention_maps(translator, texts, heads=heads, reporter=reporter)
         files = write_attention(maps, output, png=png, overwrite=overwrite, reporter=reporter)
+    for amap in maps:
+        if amap.warning:
+            warn(amap.warning)
     layers = maps[0].weights.size(0) if maps else 0
     console.print(summary_table("Attention", [
         ("sentences", len(maps)), ("layers", layers), ("heads", "each, and averaged" if heads else "averaged"),

@@ -18,6 +18,7 @@ from nmt.evaluate import (
     AR_TRIALS,
     BOOTSTRAP_SAMPLES,
     DEFAULT_TOKENIZER,
+    MAX_RESAMPLES,
     METRICS,
     SEED,
     TOKENIZERS,
@@ -177,8 +178,10 @@ def evaluate(
         help="Baseline hypotheses: run paired bootstrap and approximate randomisation against them.",
         show_default=False)] = None,
     bootstrap_samples: Annotated[int, typer.Option(
-        help="Bootstrap resamples for confidence intervals and the bootstrap p-value.")] = BOOTSTRAP_SAMPLES,
-    ar_trials: Annotated[int, typer.Option(help="Approximate randomisation trials.")] = AR_TRIALS,
+        help=f"Bootstrap resamples for confidence intervals and the bootstrap p-value "
+             f"(at most {MAX_RESAMPLES:,}).")] = BOOTSTRAP_SAMPLES,
+    ar_trials: Annotated[int, typer.Option(
+        help=f"Approximate randomisation trials (at most {MAX_RESAMPLES:,}).")] = AR_TRIALS,
     seed: Annotated[int, typer.Option(help="Seed of the resampling, so p-values are reproducible.")] = SEED,
     sentence: Annotated[bool, typer.Option(
         "--sentence", help="Also score every line (BLEU with effective order).")] = False,

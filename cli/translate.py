@@ -206,11 +206,12 @@ def average(
     checkpoints: Annotated[list[Path], typer.Argument(
         help="Checkpoints to average, or one run directory with --last.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Averaged checkpoint, without training state.")],
-    last: Annotated[int, typer.Option(help="With a run directory: average its last N update checkpoints.")] = 0,
+    last: Annotated[int | None, typer.Option(
+        help="With a run directory: average its last N update checkpoints.", show_default=False)] = None,
 ) -> None:
     """Average the parameters of checkpoints into one deployable checkpoint (one file = export)."""
     paths = list(checkpoints)
-    if last < 0:
+    if last is not None and last < 1:
         raise NmtError(f"--last must be 1 or more, got {last}")
     if last:
         if len(paths) != 1 or not paths[0].is_dir():

@@ -35,6 +35,7 @@ class AttentionMap:
     target: list[str]  # output pieces, EOS included (T)
     weights: Tensor  # (L, T, S) per decoder layer (one for an RNN), heads averaged; rows sum to 1
     heads: Tensor | None = None  # (L, H, T, S) each head, when asked of a Transformer
+    warning: str | None = None  # the source was truncated to the model's positions: the map shows only the start
 
 
 @torch.inference_mode()
@@ -101,6 +102,6 @@ def _maps(translator: Translator, results: list[LineResult], heads: bool) -> lis
         AttentionMap(line=result.line, text=result.text, translation=result.best.text,
                      source=pieces(translator.src_tokenizer, result.source_ids),
                      target=pieces(translator.tgt_tokenizer, out),
-                     weights=weights, heads=by_head)
+                     weights=weights, heads=by_head, warning=result.warning)
         for result, out, (weights, by_head) in zip(results, outputs, attention, strict=True)
     ]

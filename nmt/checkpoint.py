@@ -78,11 +78,12 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint, turning every way a file can be wrong into one NmtError line."""
     path = Path(path)
+    if path.is_dir():
+        raise NmtError(_directory_message(path))
     if not path.is_file():
         raise NmtError(f"{path}: no such checkpoint")
-    with open(path, "rb") as handle:
-        if handle.read(4) != ZIP_MAGIC:  # torch.save writes a zip archive
-            raise NmtError(f"{path}: not an nmt checkpoint (not a file written by nmt train or nmt average)")
+    if not is_checkpoint_file(path):
+        raise NmtError(f"{path}: not an nmt checkpoint (not a file written by nmt train or nmt average)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on damaged bytes; all mean the same here
@@ -149,6 +150,25 @@ def average_checkpoints(paths: list[Path]) -> Checkpoint:
         else:
             averaged[key] = value.clone()
     return replace(last, model_state=averaged, train_state=None, metrics={})
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """A regular file that begins as torch.save's zip archives do (checked before anything reads it as text)."""
+    if not Path(path).is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(4) == ZIP_MAGIC
+
+
+def _directory_message(path: Path) -> str:
+    """What a folder given as a checkpoint is, and what to give instead."""
+    from nmt.export import MANIFEST  # imported here: export is built on this module
+
+    if (path / MANIFEST).is_file():
+        return (f"{path}: a CTranslate2 export folder (from nmt export), not a checkpoint: translate it with "
+                f"--engine ctranslate2; the nmt engine, average and attention need the checkpoint it came from")
+    return (f"{path}: a directory, not a checkpoint file (a training run keeps {path / 'best.pt'} and update_*.pt; "
+            f"nmt average {path} --last N averages the last N of those)")
 
 
 def stored_languages(stored: Any) -> tuple[str, str] | None:

@@ -35,6 +35,7 @@ LOWER_IS_BETTER = frozenset({"ter"})
 TOKENIZERS: tuple[str, ...] = tuple(BLEU.TOKENIZERS)
 DEFAULT_TOKENIZER: str = BLEU.TOKENIZER_DEFAULT
 BOOTSTRAP_SAMPLES, AR_TRIALS, SEED = 1000, 10000, 12345
+MAX_RESAMPLES = 100_000  # either test draws (this x lines) numbers at once: 10**9 samples once asked for 373 GiB
 _TIE = 1e-9  # scores within this of the observed difference count as equal to it
 
 References = Sequence[str] | Sequence[Sequence[str]]
@@ -264,8 +265,9 @@ def compare(
     _check_inputs(hyps, streams)
     if len(baseline) != len(hyps):
         raise NmtError(f"{len(hyps)} hypotheses but the baseline has {len(baseline)} lines")
-    if bootstrap_samples < 1 or ar_trials < 1:
-        raise NmtError("the numbers of bootstrap samples and randomisation trials must be at least 1")
+    for option, value in (("--bootstrap-samples", bootstrap_samples), ("--ar-trials", ar_trials)):
+        if not 1 <= value <= MAX_RESAMPLES:
+            raise NmtError(f"{option} must be between 1 and {MAX_RESAMPLES:,}, got {value}")
     if seed < 0:
         raise NmtError(f"seed must be 0 or more, got {seed}")
     advance = reporter.task("significance tests", len(names), "metrics")

@@ -20,6 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from nmt.attention import AttentionMap
+from nmt.checkpoint import is_checkpoint_file
 from nmt.errors import NmtError
 from nmt.io import OutputFolder, atomic_dir, atomic_path, read_lines
 from nmt.progress import SILENT, Reporter
@@ -189,6 +190,9 @@ def read_metrics(run: Path) -> RunMetrics:
     path = run / "metrics.jsonl" if run.is_dir() else run
     if run.is_dir() and not path.exists():
         raise NmtError(f"{run}: no metrics.jsonl (not a training run directory?)")
+    if is_checkpoint_file(path):
+        raise NmtError(f"{path}: a checkpoint, not a metrics file: plot its run directory ({path.parent}) "
+                       "or the metrics.jsonl there")
     by_update: dict[tuple[str, str], dict[int, float]] = {(kind, key): {} for kind, key, _ in CURVES}
     bad: NmtError | None = None
     for number, line in enumerate(read_lines(path), start=1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,3 +101,18 @@ def test_attention_checks_its_output_before_translating(copy_model: Path, tmp_pa
                                       "-o", str(tmp_path / "att"), "--no-png", "--device", "cpu"])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"error: {tmp_path / 'att'}: already exists (use --overwrite to replace it)"
+
+
+def test_a_truncated_line_is_said_not_silently_cut(copy_model: Path, tmp_path: Path) -> None:
+    """A line longer than the model's positions was drawn cut to them without a word."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (tmp_path / "long.txt").write_text(" ".join(["a man runs"] * 40) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["attention", "-m", str(copy_model), "-i", str(tmp_path / "long.txt"),
+                                      "-o", str(tmp_path / "att"), "--no-png", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.fullmatch(r"warning: line 1: \d+ tokens, truncated to the model's limit of 64",
+                                               warnings[0]), result.stderr

@@ -257,6 +257,9 @@ def test_average_two_checkpoints_and_last_n(copy_run: Path, tmp_path: Path) -> N
         (["{transformer}", "--last", "2"], "--last N takes exactly one run directory"),
         (["{empty}", "--last", "2"], "{empty}: no update_*.pt checkpoints"),
         (["{run}", "--last", "-1"], "--last must be 1 or more, got -1"),
+        (["{run}", "--last", "0"], "--last must be 1 or more, got 0"),  # once "no such checkpoint"
+        (["{run}"], "{run}: a directory, not a checkpoint file (a training run keeps {run}/best.pt and update_*.pt; "
+                    "nmt average {run} --last N averages the last N of those)"),
         (["{missing}"], "{missing}: no such checkpoint"),
     ],
 )

@@ -224,7 +224,9 @@ def test_seed_fixes_the_result() -> None:
         (lambda: corpus_scores(HYPS, REF1[:-1]), "7 hypotheses but reference 1 has 6 lines"),
         (lambda: sentence_scores(HYPS, [REF1, REF2[:3]]), "7 hypotheses but reference 2 has 3 lines"),
         (lambda: compare(HYPS, HYPS[:2], REF1), "7 hypotheses but the baseline has 2 lines"),
-        (lambda: compare(HYPS, HYPS, REF1, ar_trials=0), "at least 1"),
+        (lambda: compare(HYPS, HYPS, REF1, ar_trials=0), "--ar-trials must be between 1 and 100,000, got 0"),
+        (lambda: compare(HYPS, HYPS, REF1, bootstrap_samples=10**9),  # once an attempt to allocate 373 GiB
+         "--bootstrap-samples must be between 1 and 100,000, got 1000000000"),
         (lambda: compare(HYPS, HYPS, REF1, seed=-1), "seed must be 0 or more"),
         (lambda: check_aligned([("h.txt", ["a"] * 3), ("r.txt", ["a"] * 3), ("r2.txt", ["a"] * 4)]),
          "line counts differ: h.txt has 3 lines, r2.txt has 4"),

@@ -126,3 +126,13 @@ def test_write_errors_name_the_output_not_the_temporary_folder(copy_model: Path,
         result = runner.invoke(app, ["export", str(copy_model), "-o", str(out)])
         assert_one_line_error(result.exit_code, result.stderr, message)
         assert list(tmp_path.iterdir()) == []
+
+
+def test_an_export_folder_given_as_a_checkpoint_says_what_it_is(export: Path, tmp_path: Path) -> None:
+    """translate --engine nmt, average and attention once said "no such checkpoint"."""
+    message = (f"{export}: a CTranslate2 export folder (from nmt export), not a checkpoint: translate it with "
+               "--engine ctranslate2; the nmt engine, average and attention need the checkpoint it came from")
+    for args in (["translate", "-m", str(export), *CPU], ["average", str(export), "-o", str(tmp_path / "a.pt")],
+                 ["attention", "-m", str(export), "-o", str(tmp_path / "att"), "--no-png", "--device", "cpu"]):
+        result = runner.invoke(app, args, input="a\n")
+        assert_one_line_error(result.exit_code, result.stderr, message)

@@ -184,6 +184,9 @@ def test_metrics_reading(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(NmtError, match="empty: no metrics.jsonl"):
         read_metrics(tmp_path / "empty")
+    (tmp_path / "best.pt").write_bytes(b"PK\x03\x04" + bytes(range(256)))  # once "line 1 is not valid UTF-8"
+    with pytest.raises(NmtError, match=r"best.pt: a checkpoint, not a metrics file: plot its run directory \("):
+        read_metrics(tmp_path / "best.pt")
     log.write_text(json.dumps(records[0]) + "\n{oops\n")
     with pytest.raises(NmtError, match="metrics.jsonl: line 2 is not a metrics record"):
         read_metrics(log)
