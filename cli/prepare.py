@@ -10,6 +10,7 @@ import typer
 from cli.common import console, handle_errors, reporting, summary_table
 from nmt.data import REASONS, CleanConfig, HubDataset, PairSource, Sources, TableFile, TextFiles, TokenizerTraining
 from nmt.data import prepare as prepare_data
+from nmt.data.prepare import checkpoint_tokenizers
 from nmt.errors import NmtError
 from nmt.tokenizer import MODEL_TYPES, NORMALIZATIONS, Tokenizer, parse_vocab_size
 
@@ -39,13 +40,19 @@ def _split_source(name: str, src: Path | None, tgt: Path | None, table: Path | N
 
 
 def _tokenizers(tokenizer: Path | None, src_tokenizer: Path | None, tgt_tokenizer: Path | None, train: bool,
-                training: TokenizerTraining, normalization: str) -> tuple[Tokenizer, Tokenizer] | TokenizerTraining:
-    ways = sum((tokenizer is not None, src_tokenizer is not None or tgt_tokenizer is not None, train))
+                training: TokenizerTraining, normalization: str | None,
+                tokenizer_from: Path | None) -> tuple[Tokenizer, Tokenizer] | TokenizerTraining:
+    """The tokenizers given, read with `normalization` (default NFC; a checkpoint's come with theirs)."""
+    ways = sum((tokenizer is not None, src_tokenizer is not None or tgt_tokenizer is not None, train,
+                tokenizer_from is not None))
     if ways != 1:
         raise NmtError("choose the tokenizer one way: --tokenizer, --src-tokenizer with --tgt-tokenizer, "
-                       "or --train-tokenizer")
+                       "--train-tokenizer or --tokenizer-from")
     if train:
         return training
+    if tokenizer_from is not None:
+        return checkpoint_tokenizers(tokenizer_from, normalization)
+    normalization = normalization or "NFC"
     if tokenizer is not None:
         joint = Tokenizer.load(tokenizer, normalization)
         return joint, joint
@@ -120,12 +127,16 @@ def prepare(
              "(5,000 at 5k pairs, +2,500 per doubling), the reason printed.", rich_help_panel=TOKENIZER)] = "auto",
     model_type: Annotated[str, typer.Option(
         help=f"Segmentation for --train-tokenizer: {' or '.join(MODEL_TYPES)}.", rich_help_panel=TOKENIZER)] = "bpe",
+    tokenizer_from: Annotated[Path | None, typer.Option(
+        help="A checkpoint (from nmt train or nmt import) whose tokenizers and normalisation encode the data, "
+             "for nmt train --init-from it.", rich_help_panel=TOKENIZER)] = None,
     separate_vocab: Annotated[bool, typer.Option(
         "--separate-vocab", help="With --train-tokenizer: one model per side instead of a joint one.",
         rich_help_panel=TOKENIZER)] = False,
-    normalization: Annotated[str, typer.Option(
+    normalization: Annotated[str | None, typer.Option(
         help="Unicode normalisation, stored with the data and reused at translation time: "
-             f"{', '.join(NORMALIZATIONS)}.", rich_help_panel=CLEANING)] = "NFC",
+             f"{', '.join(NORMALIZATIONS)} (default: NFC, or the checkpoint's with --tokenizer-from).",
+        show_default=False, rich_help_panel=CLEANING)] = None,
     max_len: Annotated[int, typer.Option(
         help="Drop training pairs with a side longer than this many subword tokens, BOS/EOS excluded (0 = no limit).",
         rich_help_panel=CLEANING)] = 250,
@@ -144,9 +155,12 @@ def prepare(
     fields = {"src_lang": src_lang, "tgt_lang": tgt_lang, "src_field": src_field, "tgt_field": tgt_field}
     hub = {"name": hf_dataset, "config": hf_config, "data_files": hf_data_files, "streaming": streaming,
            "cache_dir": hf_cache_dir}
-    clean = CleanConfig(normalization=normalization, max_len=max_len, max_ratio=max_ratio, dedup=dedup)
     tokenizers = _tokenizers(tokenizer, src_tokenizer, tgt_tokenizer, train_tokenizer,
-                             TokenizerTraining(parse_vocab_size(vocab_size), model_type, separate_vocab), normalization)
+                             TokenizerTraining(parse_vocab_size(vocab_size), model_type, separate_vocab),
+                             normalization, tokenizer_from)
+    if normalization is None:
+        normalization = tokenizers[0].normalization if isinstance(tokenizers, tuple) else "NFC"
+    clean = CleanConfig(normalization=normalization, max_len=max_len, max_ratio=max_ratio, dedup=dedup)
     if hf_dataset:
         import datasets
         import huggingface_hub

@@ -107,6 +107,11 @@ def train(
         help="Stop after this many minutes, validation included (0: no limit); sets train.max_minutes.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps; sets train.device.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16; sets train.precision.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        help="Start a new run from this checkpoint's weights, model, decoding defaults and tokenizers (nmt's own, "
+             "or from nmt import), with a fresh optimizer and schedule: fine-tuning; the data must come from nmt "
+             "prepare --tokenizer-from it. Unless set, the rate is 1e-4 and the warm-up short (printed); "
+             "sets train.init_from.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --run-dir (or train.run_dir) from its latest checkpoint, exactly.",
     )] = False,
@@ -120,7 +125,7 @@ def train(
     from the corpus and the budget (printed at start); a bounded run's learning rate decays to its end.
     """
     sets = list(overrides or [])
-    for name, value in (("data", data), ("run_dir", run_dir), ("max_updates", max_updates),
+    for name, value in (("data", data), ("run_dir", run_dir), ("init_from", init_from), ("max_updates", max_updates),
                         ("max_minutes", max_minutes), ("device", device), ("precision", precision)):
         if value is not None:
             sets.append(f"train.{name}={_literal(value)}")

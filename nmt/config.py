@@ -88,6 +88,9 @@ class TrainConfig:
     """Training-loop options."""
 
     data: str = ""  # directory written by `nmt prepare`
+    # a checkpoint (nmt's own, or from `nmt import`) whose weights, model, decoding defaults and tokenizers a new run
+    # starts from, with a fresh optimiser, schedule and progress (nmt.train.init_from); "" = random weights
+    init_from: str = ""
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl and the resolved config go here
     seed: int = 1
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps"

@@ -151,6 +151,20 @@ def prepare(
     return PreparedData.open(out)
 
 
+def checkpoint_tokenizers(path: Path, normalization: str | None = None) -> tuple[Tokenizer, Tokenizer]:
+    """A checkpoint's tokenizers (`nmt prepare --tokenizer-from`), so that `nmt train --init-from` finds the data
+    encoded exactly as the checkpoint was; the data takes their normalisation, which `normalization` may only
+    repeat."""
+    from nmt.checkpoint import load_checkpoint  # imported here: only this way of preparing reads checkpoints
+
+    checkpoint = load_checkpoint(path)
+    stored = checkpoint.src_tokenizer.normalization
+    if normalization is not None and normalization != stored:
+        raise NmtError(f"{path}: its tokenizers normalise with {stored}, not {normalization}; "
+                       "drop --normalization to use theirs")
+    return checkpoint.src_tokenizer, checkpoint.tgt_tokenizer
+
+
 def _store_tokenizers(folder: Path, tokenizers: tuple[Tokenizer, Tokenizer], joint: bool) -> dict[str, Any]:
     """Copy each side's SentencePiece model (one file when joint) and an imported model's id table into the
     data folder; what meta.json says of each side."""

@@ -249,6 +249,13 @@ class PreparedData:
         return bool(self.meta["tokenizer"]["joint"])
 
     @property
+    def shared_ids(self) -> bool:
+        """Whether an id is one piece on both sides: one tokenizer, or one id table (an imported model's shared
+        vocabulary, whose two SentencePiece models differ)."""
+        src, tgt = self.src_tokenizer, self.tgt_tokenizer
+        return self.joint or (src.vocabulary is not None and src.vocabulary == tgt.vocabulary)
+
+    @property
     def splits(self) -> list[str]:
         return list(self.meta["splits"])
 

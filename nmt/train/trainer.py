@@ -28,6 +28,7 @@ from nmt.errors import NmtError
 from nmt.models import build_model
 from nmt.optim import Budget
 from nmt.precision import Precision, Workload, check_precision, choose_precision, time_workloads
+from nmt.train.init_from import OWN_OPTIONS, start_from
 from nmt.train.meter import TrainMeter
 from nmt.train.metrics_log import MetricsLog
 from nmt.train.monitor import Monitor, SilentMonitor
@@ -59,11 +60,10 @@ class Trainer:
         self.monitor: Monitor = monitor if (monitor is not None and self.dist.is_main) else SilentMonitor()
         self.run_dir = RunDirectory(Path(cfg.run_dir))
         self.dist.main_only(lambda: self.run_dir.check_available(resume))
+        self.resumed = resume
         self.data = open_data(Path(cfg.data), resume)
         self.train_split = self.data.split("train")
-        fill_vocabulary(self.config.model, self.data)
-        free = () if resume or self.config.model.arch != "transformer" else frozenset(choose)
-        self.choices = choose_shape(self.config, len(self.train_split), free) if free else []
+        free = self._start(frozenset() if resume else frozenset(choose))
         self.model = build_seeded_model(self.config, self.device)
         split, dist = self.train_split, self.dist
         self.sampler = TokenBatchSampler(split.src_lengths, split.tgt_lengths, cfg.max_tokens, seed=cfg.seed,
@@ -74,6 +74,8 @@ class Trainer:
         updates_per_epoch = -(-len(self.sampler.batches(1)) // cfg.accum_steps)
         if free:
             self._size_to_budget(free, updates_per_epoch, batch)
+        if self.start is not None:  # after sizing, which rebuilds the model
+            self.model.load_state_dict(self.start.model_state)
         self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
                                self.run_dir, Budget.of(cfg, updates_per_epoch))
         self.optimizer = self.step.optimizer
@@ -82,6 +84,21 @@ class Trainer:
         if resume:
             self._resume(reset)
         self.meter = TrainMeter(self.progress.elapsed, self.progress.validation_seconds)
+
+    def _start(self, free: frozenset[str]) -> frozenset[str]:
+        """The model config (a new run's from `train.init_from`, with the fine-tuning defaults, or the shape sized
+        to the corpus) and its vocabulary sizes; returns the options still free for the budget to size."""
+        self.start, self.choices = None, []
+        if self.cfg.init_from and not self.resumed:
+            self.start, self.choices = start_from(self.config, self.data, free)
+            validate(self.config)
+            free = frozenset(option for option in free - OWN_OPTIONS if not option.startswith("model."))
+        fill_vocabulary(self.config.model, self.data)
+        if self.config.model.arch != "transformer":
+            return frozenset()
+        if free and self.start is None:
+            self.choices = choose_shape(self.config, len(self.train_split), free)
+        return free
 
     def _size_to_budget(self, free: Collection[str], updates_per_epoch: int, batch: Batch) -> None:
         """Choose warm-up, validation interval and regularisation from the updates the budget allows (timing an
@@ -298,8 +315,8 @@ def fill_vocabulary(model: ModelConfig, data: PreparedData) -> None:
                            f"in {data.path}: vocabulary sizes come from the tokenizer; leave them unset")
     model.src_vocab_size = data.src_tokenizer.vocab_size
     model.tgt_vocab_size = data.tgt_tokenizer.vocab_size
-    model.joint_vocab = data.joint
-    if model.share_embeddings and not data.joint:
+    model.joint_vocab = data.shared_ids
+    if model.share_embeddings and not data.shared_ids:
         raise NmtError(
             "model.share_embeddings needs one joint tokenizer, but the data has one per side; "
             "set model.share_embeddings=false"
