@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from nmt.config import DecodeConfig
+from nmt.config import MAX_ALPHA, DecodeConfig
 from nmt.data import encode_source, pad_sources
 from nmt.errors import NmtError
 from nmt.io import check_readable
@@ -38,7 +38,6 @@ from nmt.tokenizer import Tokenizer
 from nmt.translate import LineResult, Translator
 
 MAX_BEAM = 32  # a request's beam (or nbest) beyond this would hold a worker for everyone else
-MAX_ALPHA = 10.0  # a request's length penalty exponent (papers use 0.6-1); far larger ones overflow the penalty
 
 
 class ServeError(NmtError):
