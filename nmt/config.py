@@ -123,7 +123,7 @@ class TrainConfig:
     plateau_factor: float = 0.5  # plateau: multiply the rate by this when validation stops improving
     plateau_patience: int = 2  # plateau: validations without improvement before decaying
     min_lr: float = 1e-6  # plateau: never decay below this; linear, cosine, wsd: the rate when the budget ends
-    valid_every: int = 1000  # validate every N updates (and at every epoch end); 0 = epoch end only
+    valid_every: int = 1000  # validate every N updates and at the end; 0 = at each epoch end instead
     valid_bleu: bool = True  # also decode the validation set (greedy) for BLEU and chrF
     # BLEU/chrF decode only the first N validation sentences (0 = all; the loss always uses the whole set),
     # greedy with outputs of at most 1.2 * source length + 10 tokens: validation costs a bounded share of training

@@ -177,7 +177,10 @@ class Trainer:
             progress.epoch, progress.position = epoch + 1, 0
         limit = self._limit_reached()
         signalled = stop_reason(self.dist.max_int(self.signals.received))  # every rank stops at the same update
-        if limit or epoch_ended or (cfg.valid_every and progress.update % cfg.valid_every == 0):
+        # every valid_every updates, or each epoch end when it is 0: on a small corpus, epochs of a few dozen
+        # updates would otherwise spend much of a time budget validating
+        due = progress.update % cfg.valid_every == 0 if cfg.valid_every else epoch_ended
+        if limit or due:
             self._save(self._validate(epoch))
             return limit or self._patience_exhausted() or signalled
         if signalled:
