@@ -1,10 +1,13 @@
 """Training throughput on prepared data: target tokens/s and model-FLOPs utilisation.
 
     python recipes/bench/train_speed.py --data work/multi30k/data [--models transformer,lstm] [--updates 12]
+    python recipes/bench/train_speed.py --data work/bench/opus-mt-data --models opus-mt=work/bench/opus-mt.pt
 
 Runs the real `Trainer.update` (loss, backward, clipping, AdamW) on the reference
 models: the small Transformer (3+3 layers, d_model 256, 4 heads, FFN 1024) and the
-LSTM baseline of recipes/multi30k/lstm.toml, with 4,096-token batches. The
+LSTM baseline of recipes/multi30k/lstm.toml, with 4,096-token batches; a model given as
+NAME=CHECKPOINT is that checkpoint's (`train.init_from`: an imported OPUS-MT model, say,
+on data that `nmt prepare --tokenizer-from` encoded with its tokenizers). The
 matrix-product ceiling is timed before and after each measurement; a run during
 which it dropped by more than 15% is marked "noisy". Utilisation is reported two
 ways: the model's own FLOP count (3 × forward, `flops_per_token`) and 6 × parameters
@@ -43,7 +46,9 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
             compiled: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         config = Config()
-        merge(config, parse_overrides([*MODELS[model], f'train.data="{data}"', f'train.run_dir="{run_dir}"',
+        name, _, checkpoint = model.partition("=")
+        model_options = [f'train.init_from="{checkpoint}"'] if checkpoint else MODELS[name]
+        merge(config, parse_overrides([*model_options, f'train.data="{data}"', f'train.run_dir="{run_dir}"',
                                        f'train.precision="{precision}"', f"train.max_tokens={max_tokens}",
                                        f"train.compile={str(compiled).lower()}"]))
         trainer = Trainer(config)
@@ -72,7 +77,7 @@ def measure(data: Path, model: str, precision: str, updates: int, warmup: int, m
         ceiling = max(before, after)
         noisy = after < 0.85 * before or before < 0.85 * after
         return {
-            "model": model + (" (compiled)" if compiled else ""),
+            "model": name + (" (compiled)" if compiled else ""),
             "precision": precision if precision != "auto" else f"auto: {trainer.precision.name}",
             "parameters": params,
             "tokens_per_s": rate,
@@ -98,7 +103,8 @@ def measure_all(data: Path, models: list[str], precisions: list[str], updates: i
     for model in models:
         for precision in precisions:
             if precision == "bf16" and not (cpu_has_native_bf16() or force_bf16):
-                rows.append({"model": model, "precision": precision, "note": "skipped: no native bf16 on this CPU"})
+                rows.append({"model": model.partition("=")[0], "precision": precision,
+                             "note": "skipped: no native bf16 on this CPU"})
                 continue
             for compiled in compile_modes:
                 rows.append(measure(data, model, precision, updates, warmup, max_tokens, compiled))
@@ -108,7 +114,8 @@ def measure_all(data: Path, models: list[str], precisions: list[str], updates: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="directory written by nmt prepare")
-    parser.add_argument("--models", default="transformer,lstm")
+    parser.add_argument("--models", default="transformer,lstm",
+                        help=f"comma-separated: {', '.join(MODELS)} or NAME=CHECKPOINT (that checkpoint's model)")
     parser.add_argument("--precisions", default="fp32,bf16,auto", help="auto: what precision=auto picks here, and why")
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
