@@ -63,6 +63,7 @@ def test_the_recipes_model_is_an_opus_mt_folder_nmt_imports(imported: Path) -> N
     (["--spm-vocab", "10"], r"error: --spm-vocab 10 on .*train.en: Vocabulary size is smaller than required_chars"),
     (["--vocab-size", "50"], r"error: --vocab-size 50 is smaller than the \d+ ids the pieces need"),
     (["--pair", "english"], r"error: --pair 'english': expected two language codes"),
+    (["--heads", "3"], r"error: --d-model 32, --layers 1, --heads 3, --ffn 64: each must be 1 or more"),
 ])
 def test_bad_options_are_one_line(corpus: Path, tmp_path: Path, options: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message) as exit_:

@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if not (source_lang and target_lang):
             raise ValueError(f"--pair {args.pair!r}: expected two language codes such as en-de")
+        if min(args.d_model, args.layers, args.heads, args.ffn) < 1 or args.d_model % 2 or args.d_model % args.heads:
+            raise ValueError(f"--d-model {args.d_model}, --layers {args.layers}, --heads {args.heads}, --ffn "
+                             f"{args.ffn}: each must be 1 or more, and --d-model even and a multiple of --heads")
         source, target = (side_model(path, args.spm_vocab) for path in (args.src, args.tgt))
         sizes = dict(d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
                      encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
