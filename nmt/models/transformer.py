@@ -14,7 +14,9 @@ token: no head permutes, no dropout calls in eval mode, masks built once.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,6 +40,14 @@ def merge_heads(x: Tensor) -> Tensor:
     """(B, H, T, Dh) -> (B, T, H*Dh)."""
     batch, heads, length, head_dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+@functools.cache
+def decoded_length(count: int) -> Tensor:
+    """The state's "length": one shared, never modified 0-dim CPU tensor per count, so that a step
+    dispatches no operator to make it (outside inference mode, so any caller may hold it)."""
+    with torch.inference_mode(False):
+        return torch.tensor(count)
 
 
 def xavier_chunks(linear: nn.Linear, chunks: int) -> None:
@@ -64,12 +74,11 @@ class SelfAttention(nn.Module):
         )  # (B, H, T, Dh)
         return self.out(merge_heads(out))
 
-    def step(self, x: Tensor, slot: Tensor, window: Tensor) -> Tensor:
+    def step(self, x: Tensor, slot: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """One new token x (B, D): its keys/values are written into `slot` (B, 2, H, 1, Dh), a view of the
-        cache, and it attends over `window` (B, 2, H, t+1, Dh), the cache up to and including it."""
+        cache, and it attends over `keys` and `values` (B, H, t+1, Dh), views of the cache up to and including it."""
         qkv = self.qkv(x).view(x.size(0), 3, self.heads, 1, -1)  # (B, 3, H, 1, Dh): one token needs no permute
         slot.copy_(qkv[:, 1:])
-        keys, values = window.unbind(1)
         out = F.scaled_dot_product_attention(qkv[:, 0], keys, values)  # (B, H, 1, Dh)
         return self.out(out.reshape(x.shape))
 
@@ -176,11 +185,12 @@ class DecoderLayer(nn.Module):
         x = self.res_cross.add(x, self.cross_attn(self.res_cross.inp(x), cross_kv, mask))
         return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x)))
 
-    def step(self, x: Tensor, slot: Tensor, window: Tensor, cross_kv: Tensor, mask: Tensor,
+    def step(self, x: Tensor, slot: Tensor, self_kv: Sequence[Tensor], cross_kv: Sequence[Tensor], mask: Tensor,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """One new token x (B, D) (see `SelfAttention.step`) -> (B, D) and the cross-attention weights if asked."""
-        x = self.res_self.add(x, self.self_attn.step(self.res_self.inp(x), slot, window))
-        out, weights = self.cross_attn.step(self.res_cross.inp(x), *cross_kv.unbind(1), mask, need_weights)
+        """One new token x (B, D) (see `SelfAttention.step`); self_kv and cross_kv are (keys, values) of the
+        layer, each (B, H, t+1 or S, Dh) -> (B, D) and the cross-attention weights if asked."""
+        x = self.res_self.add(x, self.self_attn.step(self.res_self.inp(x), slot, *self_kv))
+        out, weights = self.cross_attn.step(self.res_cross.inp(x), *cross_kv, mask, need_weights)
         x = self.res_cross.add(x, out)
         return self.res_ffn.add(x, self.ffn(self.res_ffn.inp(x))), weights
 
@@ -310,7 +320,7 @@ class Transformer(Seq2Seq):
         cache = memory.new_zeros(memory.size(0), len(self.decoder), 2, c.heads, GROW, c.d_model // c.heads,
                                  dtype=dtype)
         state = {"mask": src_mask[:, None, None, :], "cross_kv": cross, "self_kv": cache,
-                 "length": torch.tensor(0)}
+                 "length": decoded_length(0)}
         if keep_attention:
             state["attention"] = memory.new_zeros(memory.size(0), len(self.decoder), memory.size(1))
         if keep_attention and keep_heads:
@@ -327,12 +337,15 @@ class Transformer(Seq2Seq):
             cache = torch.cat([cache, cache.new_zeros(*cache.shape[:4], GROW, cache.size(5))], dim=4)
         x = self.embed.target(tokens) + self._position(position)  # (B, D); dropout is off in eval mode
         keep = "attention" in state
-        new: State = {**state, "self_kv": cache, "length": torch.tensor(position + 1)}
-        slots, windows = cache[:, :, :, :, position:position + 1].unbind(1), cache[:, :, :, :, :position + 1].unbind(1)
+        new: State = {**state, "self_kv": cache, "length": decoded_length(position + 1)}
+        slots = cache[:, :, :, :, position:position + 1].unbind(1)
+        # Keys and values of every layer in turn (one unbind each for the caches, none per layer).
+        windows = cache[:, :, :, :, :position + 1].flatten(1, 2).unbind(1)
+        cross = state["cross_kv"].flatten(1, 2).unbind(1)
         weights = []
-        for layer, slot, window, cross_kv in zip(self.decoder, slots, windows, state["cross_kv"].unbind(1),
-                                                 strict=True):
-            x, attn = layer.step(x, slot, window, cross_kv, state["mask"], need_weights=keep)
+        for i, (layer, slot) in enumerate(zip(self.decoder, slots, strict=True)):
+            pair = slice(2 * i, 2 * i + 2)
+            x, attn = layer.step(x, slot, windows[pair], cross[pair], state["mask"], need_weights=keep)
             weights.append(attn)
         if keep:
             new["attention"] = torch.stack([w.mean(dim=1)[:, 0] for w in weights], dim=1)  # (B, L, S)
