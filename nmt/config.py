@@ -366,7 +366,7 @@ def validate_model(model: ModelConfig) -> None:
 
 def validate_decode(decode: DecodeConfig) -> None:
     """The decoding defaults every checkpoint of the run will carry: checked before training, not after."""
-    from nmt.search import check_options  # imported here: search is built on this module
+    from nmt.decode_options import check_options  # imported here: it is built on this module
 
     try:
         check_options(decode)

@@ -16,7 +16,7 @@ Conventions shared by every strategy, so that their results compare exactly:
   same alone or in any batch. Sampling draws from one seeded stream for the batch.
 - The host reads the device only every `sync_every` steps (`sync_interval`): then
   finished sentences leave the batch. Between those reads a finished sentence rides
-  along, its results stored when it finished, so the output does not depend on
+  along and what it does after it finished is not kept, so the output does not depend on
   the interval (greedy and beam; sampling reads every step, as its draws depend on
   which rows are live).
 """
@@ -24,7 +24,6 @@ Conventions shared by every strategy, so that their results compare exactly:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -32,14 +31,11 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from nmt.config import MAX_ALPHA, DecodeConfig
-from nmt.errors import NmtError
+from nmt.config import DecodeConfig
+from nmt.decode_options import check_options, length_penalty, max_output_lengths
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-PENALTIES = ("gnmt", "average")
 NEG_INF = float("-inf")
-PENALTY_MAX = torch.finfo(torch.float32).max  # the penalty table is float32
-MAX_OUTPUT = 1 << 20  # tokens: an output limit above this is an overflow of a * src_len + b, not a length
 
 
 def sync_interval(device: torch.device) -> int:
@@ -76,24 +72,6 @@ class Hypothesis:
         return len(self.tokens)
 
 
-def length_penalty(length: int, config: DecodeConfig) -> float:
-    """lp(length) that raw scores are divided by; computed in Python so it never depends on the batch."""
-    base = (5.0 + length) / 6.0 if config.length_penalty == "gnmt" else float(length)
-    try:  # alpha <= MAX_ALPHA keeps it finite for any real length; never an overflow, whatever it is given
-        return min(base**config.alpha, PENALTY_MAX)
-    except OverflowError:
-        return PENALTY_MAX
-
-
-def max_output_lengths(src_mask: Tensor, config: DecodeConfig, max_positions: int | None) -> Tensor:
-    """Longest output of each sentence, EOS included: floor(a * src_len + b), within [1, max_positions]."""
-    src_len = src_mask.sum(1).double()  # (B,) real source positions
-    limit = torch.floor(config.max_len_a * src_len + config.max_len_b).clamp(max=MAX_OUTPUT).long()
-    if max_positions is not None:
-        limit = limit.clamp(max=max_positions)
-    return limit.clamp(min=1)
-
-
 @torch.inference_mode()
 def search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
     """Translate a batch (src (B, S), src_mask (B, S) True at real tokens): per sentence, best first."""
@@ -110,7 +88,8 @@ def greedy_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeC
     """The most probable token at every step: the same result as a beam of one, with less bookkeeping."""
     state, max_len = _start(model, src, src_mask, config)
     every = sync_every or sync_interval(src.device)
-    return _decode_rows(model, state, max_len, config, 1, lambda log_probs: log_probs.argmax(1), every)
+    # max gives the first of equal maxima, as argmax and topk do, and its log-prob with it
+    return _decode_rows(model, state, max_len, config, 1, lambda log_probs: log_probs.max(1), every)
 
 
 @torch.inference_mode()
@@ -123,9 +102,10 @@ def sample_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeC
     state, max_len = _start(model, src, src_mask, config)
     generator = torch.Generator(device=src.device).manual_seed(config.seed)
 
-    def draw(log_probs: Tensor) -> Tensor:
+    def draw(log_probs: Tensor) -> tuple[Tensor, Tensor]:
         logits = _truncate(log_probs / config.temperature, config.top_k, config.top_p)  # (R, V)
-        return torch.multinomial(logits.softmax(1), 1, generator=generator).squeeze(1)
+        drawn = torch.multinomial(logits.softmax(1), 1, generator=generator)  # (R, 1)
+        return log_probs.gather(1, drawn).squeeze(1), drawn.squeeze(1)
 
     return _decode_rows(model, state, max_len, config, config.nbest, draw, sync_every=1)
 
@@ -136,23 +116,25 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
     """Beam search over all sentences and beams at once, with an exact stopping rule.
 
     Each step keeps the `beam` best extensions of a sentence's live beams; those
-    ending in EOS join the sentence's pool of `nbest` finished hypotheses and leave
-    the beam. A sentence stops when no live beam can still beat the worst of a full
-    pool: a live raw score r <= 0 can only fall, so its best reachable score is
-    r / max lp over the lengths it may still reach (lp is monotone in the length;
-    for alpha > 0 that is lp at the sentence's limit). Hence `nbest` 1 and the top
-    of a longer n-best list agree. `early_stop` instead stops a sentence once
-    `beam` hypotheses finished (faster, inexact). Finished sentences leave the batch.
+    ending in EOS finish and leave the beam. A sentence stops when no live beam can
+    still beat the worst of its `nbest` best finished hypotheses: a live raw score
+    r <= 0 can only fall, so its best reachable score is r / max lp over the lengths
+    it may still reach, which is lp at the sentence's limit (lp never falls with the
+    length). Hence `nbest` 1 and the top of a longer n-best list agree. `early_stop`
+    instead stops a sentence once `beam` hypotheses finished (faster, inexact).
+    Finished sentences leave the batch. Only the scores of the best finished hypotheses
+    are kept per step; the hypotheses themselves are ranked once, at the end.
     """
     state, max_len = _start(model, src, src_mask, config)
-    beam, nbest, device = config.beam, config.nbest, max_len.device
+    beam, device = config.beam, max_len.device
     every, limit = sync_every or sync_interval(device), int(max_len.max())
     lp = _penalty_table(limit, config, device)  # (T+2,)
     live = _Live.start(max_len, lp)
     scores = torch.zeros(len(max_len), 1, device=device)  # (N, W) raw scores of the live beams
     tokens = torch.full((len(max_len), limit), PAD_ID, device=device)  # (N*W, T)
     last = torch.full((len(max_len),), BOS_ID, device=device)  # (N*W,)
-    pool, results = (_Finished.empty(len(max_len), nbest, limit, device) for _ in range(2))
+    best = torch.full((len(max_len), config.nbest), NEG_INF, device=device)  # (N, n) best finished scores
+    finished: list[_Ended] = []
     shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         live_count, width = scores.shape
@@ -160,62 +142,84 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         at_limit = live.max_len.repeat_interleave(width) if step + 1 >= shortest else None
         log_probs = _mask(log_probs, step, at_limit, config, sync_free=every > 1)
         top, origin, token = _best_extensions(log_probs, scores, beam)  # (N, K) each
-        tokens = tokens[origin.view(-1)]  # (N*K, T)
-        tokens[:, step] = token.view(-1)
+        rows, last = origin.view(-1), token.view(-1)  # (N*K,)
+        tokens = tokens[rows]  # (N*K, T) a new tensor each step: `finished` keeps it as it is now
+        tokens[:, step] = last
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
-        if every > 1 or ended.any():  # reading every step, skip the merge when nothing ended (most steps)
-            new = _Finished(torch.where(ended, top / lp[step + 1], NEG_INF), top, ended.long() * (step + 1),
-                            tokens.view(live_count, -1, limit))
-            pool = pool.merge(new, nbest)
+        if every > 1 or ended.any():  # reading every step, skip this when nothing ended (most steps)
+            normalised = torch.where(ended, top / lp[step + 1], NEG_INF)
+            best = torch.cat([best, normalised], 1).topk(config.nbest, dim=1).values
+            fresh = ended & ~live.done.unsqueeze(1) if every > 1 else ended  # done sentences finish no more
+            finished.append(_Ended(live.sentence, torch.where(fresh, top, NEG_INF), tokens))
         alive = top.masked_fill(ended, NEG_INF)  # (N, K)
-        live = live.after_step(ended, alive, pool, lp[step + 2], beam if config.early_stop else None)
-        if every > 1:  # a sentence done between reads rides along: its results are stored as they are now
-            results.store(live.sentence, live.newly_done, pool)
+        live = live.after_step(ended, alive, best, beam if config.early_stop else None, every > 1)
         within = origin.size(1) == width  # back-pointers only, unless sentences leave below
         if (step + 1) % every == 0 and live.done.any():  # the host read: done sentences leave
-            if every == 1:  # all done sentences are newly done and leave now
-                results.store(live.sentence, live.newly_done, pool)
             keep = (~live.done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            live, pool, within = live.select(keep), pool.select(keep), False
+            live, best, within = live.select(keep), best[keep], False
             shortest = int(live.max_len.min())
-            origin, alive, token = origin[keep], alive[keep], token[keep]
+            rows, alive, last = origin[keep].view(-1), alive[keep], token[keep].view(-1)
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
-        state = model.reorder_state(state, origin.view(-1), within_sentences=within)
-        scores, last = alive, token.view(-1)
-    return _hypotheses(results.tokens, results.raw, results.length, config)
+        state = model.reorder_state(state, rows, within_sentences=within)
+        scores = alive
+    return _ranked(finished, len(max_len), config)
 
 
 class _Live(NamedTuple):
-    """Per sentence still in the batch: its index, limit, lp at that limit, hypotheses finished so far,
-    and whether it is done (its results stored; it rides along until the next host read)."""
+    """Per sentence still in the batch: its index, limit, lp at that limit, hypotheses finished so far
+    (counted for `early_stop` only), and whether it is done (it rides along until the next host read)."""
 
     sentence: Tensor  # (N,) batch index
     max_len: Tensor  # (N,)
     lp_limit: Tensor  # (N,)
     finished: Tensor  # (N,) long
     done: Tensor  # (N,) bool
-    newly_done: Tensor  # (N,) bool: done at this step
 
     @classmethod
     def start(cls, max_len: Tensor, lp: Tensor) -> _Live:
         batch, device = len(max_len), max_len.device
-        none = torch.zeros(batch, dtype=torch.bool, device=device)
         return cls(torch.arange(batch, device=device), max_len, lp[max_len],
-                   torch.zeros(batch, dtype=torch.long, device=device), none, none)
+                   torch.zeros(batch, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.bool, device=device))
 
-    def after_step(self, ended: Tensor, alive: Tensor, pool: _Finished, lp_next: Tensor, early: int | None) -> _Live:
-        """Done: no live beam can still beat the worst of a full pool (or, early, `early` hypotheses ended)."""
-        finished = self.finished + ended.sum(1)
-        reachable = alive.amax(1) / torch.maximum(lp_next, self.lp_limit)  # (N,)
-        done = reachable <= pool.score[:, -1]
+    def after_step(self, ended: Tensor, alive: Tensor, best: Tensor, early: int | None, rides: bool) -> _Live:
+        """Done: no live beam can still beat the worst of a full n-best list (or, early, `early` hypotheses
+        ended). At its limit a sentence has no live beam left, so it is done; before, lp at the limit is
+        the largest it can reach. Without `rides` no done sentence is still in the batch."""
+        done = alive.amax(1) / self.lp_limit <= best[:, -1]  # (N,)
+        finished = self.finished
         if early is not None:
+            finished = finished + ended.sum(1)
             done |= finished >= early
-        return self._replace(finished=finished, done=self.done | done, newly_done=done & ~self.done)
+        return self._replace(finished=finished, done=self.done | done if rides else done)
 
     def select(self, keep: Tensor) -> _Live:
         return _Live(*(values[keep] for values in self))
+
+
+class _Ended(NamedTuple):
+    """The extensions of one step: raw scores (N, K), -inf where they did not finish, and their tokens."""
+
+    sentence: Tensor  # (N,) batch index
+    raw: Tensor  # (N, K)
+    tokens: Tensor  # (N*K, T)
+
+
+def _ranked(finished: list[_Ended], batch: int, config: DecodeConfig) -> list[list[Hypothesis]]:
+    """Each sentence's `nbest` best finished hypotheses, in the order they finished where scores tie."""
+    if not finished:  # no extension ever ended (a model that never lets EOS through)
+        return [[] for _ in range(batch)]
+    raw, tokens = [], []
+    for ended in finished:
+        count, width = ended.raw.shape
+        raw.append(ended.raw.new_full((batch, width), NEG_INF).index_put_((ended.sentence,), ended.raw))
+        rows = ended.tokens.view(count, width, -1)
+        tokens.append(rows.new_full((batch, width, rows.size(2)), PAD_ID).index_put_((ended.sentence,), rows))
+    raw_all, tokens_all = torch.cat(raw, 1), torch.cat(tokens, 1)  # (B, M), (B, M, T)
+    length = ((tokens_all == EOS_ID).int().argmax(2) + 1).masked_fill(raw_all.isinf(), 0)  # a finished one ends at EOS
+    return _hypotheses(tokens_all, raw_all, length, config, config.nbest)
 
 
 def _best_extensions(log_probs: Tensor, scores: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -229,75 +233,14 @@ def _best_extensions(log_probs: Tensor, scores: Tensor, beam: int) -> tuple[Tens
     per_beam = best.size(1)
     candidates = (scores.unsqueeze(2) + best.view(live_count, width, per_beam)).view(live_count, -1)
     top, index = candidates.topk(min(beam, width * per_beam), dim=1)  # (N, K)
-    offsets = torch.arange(live_count, device=scores.device).unsqueeze(1) * width  # (N, 1)
-    origin = offsets + index.div(per_beam, rounding_mode="floor")  # (N, K) rows of the N*W beams
+    origin = _candidate_rows(live_count, width, per_beam, scores.device).gather(1, index)  # (N, K)
     return top, origin, best_token.view(live_count, -1).gather(1, index)
 
 
-class _Finished(NamedTuple):
-    """The best finished hypotheses of each sentence, best first; empty slots have length 0."""
-
-    score: Tensor  # (N, n) normalised, -inf in empty slots
-    raw: Tensor  # (N, n)
-    length: Tensor  # (N, n)
-    tokens: Tensor  # (N, n, T)
-
-    @classmethod
-    def empty(cls, batch: int, size: int, limit: int, device: torch.device) -> _Finished:
-        return cls(
-            score=torch.full((batch, size), NEG_INF, device=device),
-            raw=torch.full((batch, size), NEG_INF, device=device),
-            length=torch.zeros(batch, size, dtype=torch.long, device=device),
-            tokens=torch.full((batch, size, limit), PAD_ID, device=device),
-        )
-
-    def select(self, keep: Tensor) -> _Finished:
-        return _Finished(*(values[keep] for values in self))
-
-    def store(self, rows: Tensor, where: Tensor, current: _Finished) -> None:
-        """Copy `current` into `rows` of these results where `where` (N,) holds: in place, no host read."""
-        for kept, fresh in zip(self, current, strict=True):
-            chosen = where.view(-1, *([1] * (fresh.dim() - 1)))
-            kept[rows] = torch.where(chosen, fresh, kept[rows])
-
-    def merge(self, new: _Finished, size: int) -> _Finished:
-        """The `size` best of both; on equal scores the earlier-finished hypothesis comes first."""
-        score = torch.cat([self.score, new.score], 1)  # (N, n + K)
-        order = score.sort(dim=1, descending=True, stable=True).indices[:, :size]  # (N, n)
-        tokens = torch.cat([self.tokens, new.tokens], 1)  # (N, n + K, T)
-        return _Finished(
-            score=score.gather(1, order),
-            raw=torch.cat([self.raw, new.raw], 1).gather(1, order),
-            length=torch.cat([self.length, new.length], 1).gather(1, order),
-            tokens=tokens.gather(1, order.unsqueeze(2).expand(-1, -1, tokens.size(2))),
-        )
-
-
-def check_options(config: DecodeConfig) -> None:
-    """Reject options search cannot honour, naming the option."""
-    if config.beam < 1:
-        raise NmtError(f"beam size must be at least 1, got {config.beam}")
-    if config.nbest < 1:
-        raise NmtError(f"nbest must be at least 1, got {config.nbest}")
-    if not config.sampling and config.nbest > config.beam:
-        raise NmtError(f"nbest {config.nbest} is larger than the beam size {config.beam}")
-    if config.length_penalty not in PENALTIES:
-        raise NmtError(f"unknown length penalty {config.length_penalty!r}; choose one of {', '.join(PENALTIES)}")
-    if not 0 <= config.alpha <= MAX_ALPHA:  # NaN too
-        raise NmtError(f"alpha (the length penalty exponent) must be in [0, {MAX_ALPHA:g}], got {config.alpha}")
-    if not (math.isfinite(config.max_len_a) and config.max_len_a >= 0) or config.max_len_b < 0:
-        raise NmtError(f"max-len-a and max-len-b must be >= 0 (the output limit is a * source length + b), "
-                       f"got {config.max_len_a} and {config.max_len_b}")
-    if config.max_len_a == 0 and config.max_len_b < 1:
-        raise NmtError("max-len-b must be at least 1 when max-len-a is 0: every output needs room for EOS")
-    if config.min_len < 0:
-        raise NmtError(f"min-len must be >= 0, got {config.min_len}")
-    if config.sampling and not (math.isfinite(config.temperature) and config.temperature > 0):
-        raise NmtError(f"sampling temperature must be a finite positive number, got {config.temperature}")
-    if config.sampling and config.top_k < 0:
-        raise NmtError(f"top-k must be 0 (off) or positive, got {config.top_k}")
-    if config.sampling and not 0.0 < config.top_p <= 1.0:  # also refuses nan
-        raise NmtError(f"top-p must be in (0, 1], got {config.top_p}")
+@functools.lru_cache(maxsize=64)
+def _candidate_rows(live_count: int, width: int, per_beam: int, device: torch.device) -> Tensor:
+    """(N, W*k): the row of the N*W beams that each candidate extends; made once per shape."""
+    return torch.arange(live_count * width, device=device).repeat_interleave(per_beam).view(live_count, -1)
 
 
 def _start(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeConfig) -> tuple[Any, Tensor]:
@@ -362,51 +305,54 @@ def _truncate(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def _decode_rows(model: Decoder, state: Any, max_len: Tensor, config: DecodeConfig, rows: int,
-                 choose: Callable[[Tensor], Tensor], sync_every: int) -> list[list[Hypothesis]]:
-    """Extend `rows` independent hypotheses per sentence by one chosen token per step until EOS."""
+                 choose: Callable[[Tensor], tuple[Tensor, Tensor]], sync_every: int) -> list[list[Hypothesis]]:
+    """Extend `rows` independent hypotheses per sentence by one chosen token per step until EOS.
+
+    `choose` gives each row's token and its log-prob. Tokens and scores are written straight into the
+    output rows (time-major, so a step writes one row of `out`): an ended row has nothing to copy.
+    """
     batch, device = max_len.numel(), max_len.device
     if rows > 1:
         expand = torch.arange(batch, device=device).repeat_interleave(rows)  # (B*rows,)
         state, max_len = model.reorder_state(state, expand), max_len[expand]
     total, limit = batch * rows, int(max_len.max())
     origin = torch.arange(total, device=device)  # (R,) output row of each live row
-    tokens = torch.full((total, limit), PAD_ID, device=device)  # (R, T)
-    raw = torch.zeros(total, device=device)  # (R,)
+    out = torch.full((limit, total), PAD_ID, device=device)  # (T, B*rows)
+    raw = torch.zeros(total, device=device)  # (B*rows,)
     last = torch.full((total,), BOS_ID, device=device)  # (R,)
-    stopped = torch.zeros(total, dtype=torch.bool, device=device)  # (R,) ended: output stored, until the next read
-    out_tokens, out_raw = tokens.clone(), raw.clone()
-    out_len = torch.zeros(total, dtype=torch.long, device=device)
+    stopped = torch.zeros(total, dtype=torch.bool, device=device)  # (R,) ended, riding along until the next read
     shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         log_probs, state = model.step(last, state)  # (R, V)
         log_probs = _mask(log_probs, step, max_len if step + 1 >= shortest else None, config, sync_every > 1)
-        last = choose(log_probs)  # (R,)
-        raw = raw + log_probs.gather(1, last.unsqueeze(1)).squeeze(1)
-        tokens[:, step] = last
-        ended = (last == EOS_ID) & ~stopped  # (R,) forced at each row's limit
-        if sync_every > 1 or ended.any():  # reading every step, skip the stores when nothing ended
-            out_tokens[origin] = torch.where(ended.unsqueeze(1), tokens, out_tokens[origin])
-            out_raw[origin] = torch.where(ended, raw, out_raw[origin])
-            out_len[origin] = torch.where(ended, step + 1, out_len[origin])
-            stopped |= ended
-        if (step + 1) % sync_every == 0 and stopped.any():  # the host read: ended rows leave
-            keep = (~stopped).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            state = model.reorder_state(state, keep)
-            tokens, raw, max_len, origin, last = tokens[keep], raw[keep], max_len[keep], origin[keep], last[keep]
-            stopped, shortest = stopped[keep], int(max_len.min())
-    return _hypotheses(
-        out_tokens.view(batch, rows, limit), out_raw.view(batch, rows), out_len.view(batch, rows), config
-    )
+        chosen, last = choose(log_probs)  # (R,) each
+        out[step].index_copy_(0, origin, last)
+        leaving = last == EOS_ID  # (R,) forced at each row's limit
+        if sync_every > 1:  # what a row adds after its EOS is not its own; reading every step, none rides along
+            chosen, leaving = chosen.masked_fill(stopped, 0.0), stopped | leaving
+        raw.index_add_(0, origin, chosen)  # the same float32 sums as adding row by row
+        if (step + 1) % sync_every or not leaving.any():
+            stopped = leaving
+            continue
+        keep = (~leaving).nonzero().squeeze(1)  # the host read: ended rows leave
+        if keep.numel() == 0:
+            break
+        state = model.reorder_state(state, keep)
+        max_len, origin, last, stopped = max_len[keep], origin[keep], last[keep], leaving[keep]
+        shortest = int(max_len.min())
+    tokens = out.t().reshape(batch, rows, limit)
+    length = (tokens == EOS_ID).int().argmax(2) + 1  # up to the first EOS: every row has one
+    return _hypotheses(tokens, raw.view(batch, rows), length, config)
 
 
-def _hypotheses(tokens: Tensor, raw: Tensor, length: Tensor, config: DecodeConfig) -> list[list[Hypothesis]]:
-    """Per sentence, its hypotheses best first; tokens (B, n, T), raw and length (B, n); length 0 = none."""
+def _hypotheses(tokens: Tensor, raw: Tensor, length: Tensor, config: DecodeConfig,
+                keep: int | None = None) -> list[list[Hypothesis]]:
+    """Per sentence, its `keep` (or all) hypotheses best first, the earlier first where scores tie;
+    tokens (B, M, T), raw and length (B, M); length 0 = none."""
     lp = _penalty_table(tokens.size(2), config, tokens.device)
-    score = (raw / lp[length]).masked_fill(length == 0, NEG_INF)  # (B, n)
-    order = score.sort(dim=1, descending=True, stable=True).indices  # (B, n)
-    tokens = tokens.gather(1, order.unsqueeze(2).expand_as(tokens)).tolist()
+    score = (raw / lp[length]).masked_fill(length == 0, NEG_INF)  # (B, M)
+    order = score.sort(dim=1, descending=True, stable=True).indices[:, :keep]  # (B, n)
+    tokens = tokens.gather(1, order.unsqueeze(2).expand(-1, -1, tokens.size(2))).tolist()
     score, raw, length = (values.gather(1, order).tolist() for values in (score, raw, length))
     return [
         [Hypothesis(toks[:n], s, r) for toks, s, r, n in zip(*sentence, strict=True) if n > 0]
