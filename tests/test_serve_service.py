@@ -12,7 +12,7 @@ import pytest
 from nmt.errors import NmtError
 from nmt.export import export_checkpoint
 from nmt.serve.pairs import Pair, parse_pair, resolve_pairs, stored_pair
-from nmt.serve.queue import Expired
+from nmt.serve.queue import Expired, Job, settle
 from nmt.serve.service import Limits, ServeError, Service, TranslateRequest, serving_threads, split_lines
 from tests.conftest import make_parallel
 
@@ -135,6 +135,29 @@ def test_requests_are_translated_per_text_and_line(service: Service) -> None:
     assert [[r.best.text for r in text] for text in results] == [[SOURCES[0], SOURCES[1]], [""], [SOURCES[2]]]
     assert [len(r.hypotheses) for text in results for r in text] == [2, 2, 1, 2]  # an empty line has one, empty
     assert asyncio.run(service.translate(TranslateRequest([], "en", "de"))) == []
+
+
+class ExpiresInTheWorker:
+    """The served model, except that its worker finds every job's deadline passed before the server's await
+    does (both read the same deadline, so either may see it first)."""
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+    def put(self, job: Job) -> None:
+        settle(job.future, error=Expired("the client stopped waiting"))
+
+
+def test_a_request_the_worker_expires_is_a_504_like_one_the_await_times_out(service: Service) -> None:
+    expiring = Service([], [], Limits(timeout=7))
+    expiring.models = {Pair("en", "de"): ExpiresInTheWorker(service.models[Pair("en", "de")])}  # type: ignore[dict-item]
+    expiring.ready = service.ready
+    with pytest.raises(ServeError, match="^the translation took longer than the 7 s timeout$") as timed_out:
+        asyncio.run(expiring.translate(TranslateRequest([SOURCES[0]], "en", "de")))
+    assert timed_out.value.status == 504
 
 
 @pytest.mark.parametrize(("request_", "status", "message"), [

@@ -291,7 +291,7 @@ class Service:
             raise ServeError(503, str(exc)) from None
         try:
             results = await asyncio.wait_for(asyncio.wrap_future(job.future), self.limits.timeout)
-        except TimeoutError:
+        except (TimeoutError, Expired):  # the worker may see the shared deadline pass before this await does
             raise ServeError(504, f"the translation took longer than the {self.limits.timeout:g} s timeout") from None
         grouped, start = [], 0
         for count in line_counts:
