@@ -51,12 +51,13 @@ def train_spm(lines: Iterable[str], vocab_size: int, **options: Any) -> bytes:
 def marian_vocab(*models: bytes, size: int = 0) -> dict[str, int]:
     """Marian's vocabulary over the pieces of `models`: </s>=0, <unk>=1, the pieces in first-seen order, <pad>
     last; with `size`, pieces that no text produces fill it to `size` ids before <pad>."""
-    pieces = ["</s>", "<unk>"]
+    seen = dict.fromkeys(["</s>", "<unk>"])  # an ordered set: first-seen order, linear in the pieces
     for data in models:
         sp = spm.SentencePieceProcessor()
         sp.LoadFromSerializedProto(data)
-        pieces += [p for p in (sp.id_to_piece(i) for i in range(sp.get_piece_size()))
-                   if p not in pieces and p not in ("<s>", "</s>", "<unk>")]
+        seen.update(dict.fromkeys(p for p in (sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+                                  if p not in ("<s>", "</s>", "<unk>")))
+    pieces = list(seen)
     if size and size < len(pieces) + 1:
         raise ValueError(f"--vocab-size {size} is smaller than the {len(pieces) + 1} ids the pieces need")
     pieces += [f"<unused{i}>" for i in range(max(0, size - len(pieces) - 1))]
