@@ -134,7 +134,7 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
     tokens = torch.full((len(max_len), limit), PAD_ID, device=device)  # (N*W, T)
     last = torch.full((len(max_len),), BOS_ID, device=device)  # (N*W,)
     best = torch.full((len(max_len), config.nbest), NEG_INF, device=device)  # (N, n) best finished scores
-    finished: list[_Ended] = []
+    finished = _Finished()
     shortest = int(max_len.min())  # no row is at its limit before this step: _mask need not look
     for step in range(limit):
         live_count, width = scores.shape
@@ -143,18 +143,21 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
         log_probs = _mask(log_probs, step, at_limit, config, sync_free=every > 1)
         top, origin, token = _best_extensions(log_probs, scores, beam)  # (N, K) each
         rows, last = origin.view(-1), token.view(-1)  # (N*K,)
-        tokens = tokens[rows]  # (N*K, T) a new tensor each step: `finished` keeps it as it is now
+        tokens = tokens[rows]  # (N*K, T) a new tensor each step: `finished` may hold it until the next read
         tokens[:, step] = last
         ended = (token == EOS_ID) & top.isfinite()  # (N, K)
         if every > 1 or ended.any():  # reading every step, skip this when nothing ended (most steps)
             normalised = torch.where(ended, top / lp[step + 1], NEG_INF)
             best = torch.cat([best, normalised], 1).topk(config.nbest, dim=1).values
             fresh = ended & ~live.done.unsqueeze(1) if every > 1 else ended  # done sentences finish no more
-            finished.append(_Ended(live.sentence, torch.where(fresh, top, NEG_INF), tokens))
+            finished.add(live.sentence, torch.where(fresh, top, NEG_INF), tokens)
         alive = top.masked_fill(ended, NEG_INF)  # (N, K)
         live = live.after_step(ended, alive, best, beam if config.early_stop else None, every > 1)
         within = origin.size(1) == width  # back-pointers only, unless sentences leave below
-        if (step + 1) % every == 0 and live.done.any():  # the host read: done sentences leave
+        reading = (step + 1) % every == 0
+        if reading:  # the host read: the rows that ended are kept, done sentences leave
+            finished.compact()
+        if reading and live.done.any():
             keep = (~live.done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
@@ -164,7 +167,7 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
         state = model.reorder_state(state, rows, within_sentences=within)
         scores = alive
-    return _ranked(finished, len(max_len), config)
+    return finished.ranked(len(max_len), config)
 
 
 class _Live(NamedTuple):
@@ -199,27 +202,45 @@ class _Live(NamedTuple):
         return _Live(*(values[keep] for values in self))
 
 
-class _Ended(NamedTuple):
-    """The extensions of one step: raw scores (N, K), -inf where they did not finish, and their tokens."""
+class _Finished:
+    """The hypotheses that ended so far. A step's extensions wait as they are, all (N*K, T) of them, only
+    until the next host read, which keeps the rows that ended: memory grows with the hypotheses, not with
+    steps x beams x length."""
 
-    sentence: Tensor  # (N,) batch index
-    raw: Tensor  # (N, K)
-    tokens: Tensor  # (N*K, T)
+    def __init__(self) -> None:
+        self.pending: list[tuple[Tensor, Tensor, Tensor]] = []  # (N,) sentence, (N, K) raw or -inf, (N*K, T)
+        self.sentence: list[Tensor] = []  # (M,) each, in the order they ended (step, then beam within a step)
+        self.raw: list[Tensor] = []  # (M,)
+        self.tokens: list[Tensor] = []  # (M, T)
 
+    def add(self, sentence: Tensor, raw: Tensor, tokens: Tensor) -> None:
+        """One step's extensions: `raw` is -inf where an extension did not end (or should not be kept)."""
+        self.pending.append((sentence, raw, tokens))
 
-def _ranked(finished: list[_Ended], batch: int, config: DecodeConfig) -> list[list[Hypothesis]]:
-    """Each sentence's `nbest` best finished hypotheses, in the order they finished where scores tie."""
-    if not finished:  # no extension ever ended (a model that never lets EOS through)
-        return [[] for _ in range(batch)]
-    raw, tokens = [], []
-    for ended in finished:
-        count, width = ended.raw.shape
-        raw.append(ended.raw.new_full((batch, width), NEG_INF).index_put_((ended.sentence,), ended.raw))
-        rows = ended.tokens.view(count, width, -1)
-        tokens.append(rows.new_full((batch, width, rows.size(2)), PAD_ID).index_put_((ended.sentence,), rows))
-    raw_all, tokens_all = torch.cat(raw, 1), torch.cat(tokens, 1)  # (B, M), (B, M, T)
-    length = ((tokens_all == EOS_ID).int().argmax(2) + 1).masked_fill(raw_all.isinf(), 0)  # a finished one ends at EOS
-    return _hypotheses(tokens_all, raw_all, length, config, config.nbest)
+    def compact(self) -> None:
+        """Keep only the rows that ended (a host read per pending step)."""
+        for sentence, raw, tokens in self.pending:
+            ended = raw.view(-1).isfinite().nonzero().squeeze(1)  # row-major: sentence, then beam
+            self.sentence.append(sentence[ended // raw.size(1)])
+            self.raw.append(raw.view(-1)[ended])
+            self.tokens.append(tokens[ended])
+        self.pending.clear()
+
+    def ranked(self, batch: int, config: DecodeConfig) -> list[list[Hypothesis]]:
+        """Each sentence's `nbest` best hypotheses, in the order they ended where scores tie."""
+        self.compact()
+        if not self.raw:  # no extension ever ended (a model that never lets EOS through)
+            return [[] for _ in range(batch)]
+        sentence, raw, tokens = torch.cat(self.sentence), torch.cat(self.raw), torch.cat(self.tokens)
+        order = sentence.sort(stable=True).indices  # by sentence, in the order they ended within one
+        sentence, raw, tokens = sentence[order], raw[order], tokens[order]
+        counts = torch.bincount(sentence, minlength=batch)  # (B,)
+        slot = torch.arange(len(sentence), device=sentence.device) - (counts.cumsum(0) - counts)[sentence]
+        width = int(counts.max())
+        raw_all = raw.new_full((batch, width), NEG_INF).index_put_((sentence, slot), raw)  # (B, M)
+        tokens_all = tokens.new_full((batch, width, tokens.size(1)), PAD_ID).index_put_((sentence, slot), tokens)
+        length = ((tokens_all == EOS_ID).int().argmax(2) + 1).masked_fill(raw_all.isinf(), 0)  # ends at EOS
+        return _hypotheses(tokens_all, raw_all, length, config, config.nbest)
 
 
 def _best_extensions(log_probs: Tensor, scores: Tensor, beam: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
+from nmt import search as search_module
 from nmt.config import DecodeConfig
 from nmt.search import beam_search, greedy_search, sync_interval
-from nmt.tokenizer import EOS_ID
+from nmt.tokenizer import EOS_ID, PAD_ID
 from tests.test_search import ToyModel, batch_of, random_sentences
 
 CONFIGS = [
@@ -60,3 +61,32 @@ def test_reading_every_few_steps_changes_nothing_but_when_sentences_leave(config
 def test_the_interval_is_one_on_a_cpu_and_longer_elsewhere() -> None:
     assert sync_interval(torch.device("cpu")) == 1
     assert sync_interval(torch.device("cuda", 0)) > 1
+
+
+@pytest.mark.parametrize("interval", [1, 3, 8])
+def test_beam_search_holds_only_the_rows_that_ended(interval: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory grows with the finished hypotheses, not with steps x beams x length: a step's extensions wait
+    whole only until the next host read, which keeps just the rows that ended (each up to its EOS)."""
+    collectors, waiting = [], []
+
+    class Recording(search_module._Finished):
+        def __init__(self) -> None:
+            super().__init__()
+            collectors.append(self)
+
+        def compact(self) -> None:
+            waiting.append(len(self.pending))
+            super().compact()
+
+    monkeypatch.setattr(search_module, "_Finished", Recording)
+    config = DecodeConfig(beam=4, nbest=2, max_len_a=1.0, max_len_b=5)
+    found, _ = run(config, interval, "cpu")
+    (finished,) = collectors
+    assert max(waiting) <= interval and not finished.pending
+    tokens, raw = torch.cat(finished.tokens), torch.cat(finished.raw)
+    assert raw.isfinite().all()
+    ends = (tokens == EOS_ID).int()
+    assert (ends.sum(1) == 1).all()  # one EOS per kept row, nothing but padding after it
+    after_eos = ends.cumsum(1) - ends
+    assert (tokens[after_eos.bool()] == PAD_ID).all()
+    assert [len(hyps) for hyps in found] == [config.nbest] * 10
