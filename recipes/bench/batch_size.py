@@ -24,7 +24,7 @@ import torch
 from common import machine, matmul_gflops, print_table, write_json
 from nmt.data import encode_source
 from nmt.device import tune_cpu
-from nmt.translate import Translator, translate_ids
+from nmt.translate import BATCH_TOKENS, Translator, translate_ids
 
 SEARCHES = {"greedy": {"beam": 1}, "beam 5": {"beam": 5}, "beam 5 early-stop": {"beam": 5, "early_stop": True}}
 
@@ -63,7 +63,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--src", type=Path, required=True)
-    parser.add_argument("--sizes", default="6000,3000,12000,24000", help="batch tokens; the first is the base")
+    parser.add_argument("--sizes", default=f"{BATCH_TOKENS},3000,12000,24000",
+                        help="batch tokens; the first is the base")
     parser.add_argument("--searches", default=",".join(SEARCHES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limit", type=int, default=0, help="first N sentences only (0 = all)")
@@ -74,9 +75,10 @@ def main() -> None:
     translator = Translator.from_checkpoint(args.model, device="cpu", precision="fp32")
     texts = args.src.read_text(encoding="utf-8").splitlines()[: args.limit or None]
     sources = [encode_source(translator.src_tokenizer, text) for text in texts]
-    timed(translator, sources[:32], "beam 5", 6000)  # warm up
+    sizes = [int(size) for size in args.sizes.split(",")]
+    timed(translator, sources[:32], "beam 5", sizes[0])  # warm up
     ceilings = [matmul_gflops()]
-    rows = measure(translator, sources, [int(s) for s in args.sizes.split(",")], args.searches.split(","), args.repeats)
+    rows = measure(translator, sources, sizes, args.searches.split(","), args.repeats)
     ceilings.append(matmul_gflops())
     print_table(f"nmt decoding by batch size, fp32, {len(sources)} sentences, best of {args.repeats}", rows,
                 list(rows[0]))
