@@ -56,7 +56,9 @@ class Decoder(Protocol):
 
     def step(self, tokens: Tensor, state: Any) -> tuple[Tensor, Any]: ...
 
-    def reorder_state(self, state: Any, index: Tensor, within_sentences: bool = False) -> Any: ...
+    def reorder_state(self, state: Any, rows: Tensor, sentences: Tensor | None = None) -> Any:
+        """The state of the new rows: `rows` the old row of each; `sentences` the old index of each new
+        sentence, None when the sentences stay. A sentence's rows are side by side, as many for each."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
             finished.add(live.sentence, torch.where(fresh, top, NEG_INF), tokens)
         alive = top.masked_fill(ended, NEG_INF)  # (N, K)
         live = live.after_step(ended, alive, best, beam if config.early_stop else None, every > 1)
-        within = origin.size(1) == width  # back-pointers only, unless sentences leave below
+        sentences = None  # the same sentences (with new back-pointers), unless some leave below
         reading = (step + 1) % every == 0
         if reading:  # the host read: the rows that ended are kept, done sentences leave
             finished.compact()
@@ -161,11 +163,11 @@ def beam_search(model: Decoder, src: Tensor, src_mask: Tensor, config: DecodeCon
             keep = (~live.done).nonzero().squeeze(1)
             if keep.numel() == 0:
                 break
-            live, best, within = live.select(keep), best[keep], False
+            live, best, sentences = live.select(keep), best[keep], keep
             shortest = int(live.max_len.min())
             rows, alive, last = origin[keep].view(-1), alive[keep], token[keep].view(-1)
             tokens = tokens.view(live_count, -1, limit)[keep].view(-1, limit)
-        state = model.reorder_state(state, rows, within_sentences=within)
+        state = model.reorder_state(state, rows, sentences)
         scores = alive
     return finished.ranked(len(max_len), config)
 
@@ -335,7 +337,7 @@ def _decode_rows(model: Decoder, state: Any, max_len: Tensor, config: DecodeConf
     batch, device = max_len.numel(), max_len.device
     if rows > 1:
         expand = torch.arange(batch, device=device).repeat_interleave(rows)  # (B*rows,)
-        state, max_len = model.reorder_state(state, expand), max_len[expand]
+        state, max_len = model.reorder_state(state, expand, expand), max_len[expand]  # a row each: any may leave
     total, limit = batch * rows, int(max_len.max())
     origin = torch.arange(total, device=device)  # (R,) output row of each live row
     out = torch.full((limit, total), PAD_ID, device=device)  # (T, B*rows)
@@ -358,7 +360,7 @@ def _decode_rows(model: Decoder, state: Any, max_len: Tensor, config: DecodeConf
         keep = (~leaving).nonzero().squeeze(1)  # the host read: ended rows leave
         if keep.numel() == 0:
             break
-        state = model.reorder_state(state, keep)
+        state = model.reorder_state(state, keep, keep)
         max_len, origin, last, stopped = max_len[keep], origin[keep], last[keep], leaving[keep]
         shortest = int(max_len.min())
     tokens = out.t().reshape(batch, rows, limit)

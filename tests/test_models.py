@@ -98,9 +98,10 @@ def test_step_matches_forward_also_after_reorder(name: str, keep_attention: bool
         log_probs, state = model.step(tgt[:, t], state)
         assert log_probs.dtype == torch.float32
         torch.testing.assert_close(log_probs, full[:, t], rtol=0, atol=1e-5)
-    # beam-style: permute and duplicate rows, then keep decoding
-    index = torch.randperm(4, generator=torch.Generator().manual_seed(3)).repeat_interleave(2).to(device)
-    state = model.reorder_state(state, index)
+    # beam-style: reorder the sentences and give each two rows that share its per-sentence entries
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(3)).to(device)
+    index = order.repeat_interleave(2)
+    state = model.reorder_state(state, index, order)
     full = full_log_probs(model, src[index], src_mask[index], tgt[index])
     for t in range(3, tgt.size(1)):
         log_probs, state = model.step(tgt[index, t], state)
@@ -258,7 +259,8 @@ def test_bf16_autocast_step_returns_float32(name: str) -> None:
         state = model.init_state(model.encode(src, src_mask), src_mask)
         for t in range(3):
             log_probs, state = model.step(tgt[:, t], state)
-            state = model.reorder_state(state, torch.tensor([1, 0, 0, 3]))
+            rows = torch.tensor([1, 0, 0, 3])
+            state = model.reorder_state(state, rows, rows)
             assert log_probs.dtype == torch.float32
             torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(4))
         assert model(src, src_mask, tgt).shape == (4, 6, VOCAB)
@@ -348,25 +350,34 @@ def test_overfits_reverse_and_map(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["transformer-pre", "lstm-general", "gru-bahdanau"])
 @torch.no_grad()
-def test_reorder_within_sentences_reuses_encoder_state(name: str) -> None:
-    """The search says when beam back-pointers stay inside a sentence: then the per-sentence entries are
-    shared, the rest gathered; otherwise everything is gathered."""
+def test_beams_share_their_sentence_entries_and_step_as_if_copied(name: str) -> None:
+    """Two beams per sentence with one copy of the per-sentence entries (the encoder side) step to the same
+    log-probs as with a copy per beam; back-pointers move only the per-hypothesis entries, and the
+    per-sentence ones move only when sentences leave."""
     model = make_model(name)
     src, src_mask, tgt, _ = toy_batch()
     state = model.init_state(model.encode(src, src_mask), src_mask)
-    state = model.reorder_state(state, torch.arange(4).repeat_interleave(2))  # two beams per sentence
-    _, state = model.step(tgt[:, 0].repeat_interleave(2), state)
+    pairs = torch.arange(4).repeat_interleave(2)  # two beams per sentence
+    shared = model.reorder_state(state, pairs)
+    copied = model.reorder_state(state, pairs, pairs)  # each row its own sentence
+    assert model.sentence_keys & shared.keys()
+    for key in model.sentence_keys & shared.keys():
+        assert shared[key] is state[key] and len(copied[key]) == 8
+    for t in range(3):
+        tokens = tgt[:, t].repeat_interleave(2)
+        shared_out, shared = model.step(tokens, shared)
+        copied_out, copied = model.step(tokens, copied)
+        torch.testing.assert_close(shared_out, copied_out)
     swap = torch.arange(8).view(4, 2).flip(1).reshape(-1)  # exchange the two beams of every sentence
-    fast = model.reorder_state(state, swap, within_sentences=True)
-    assert model.sentence_keys & fast.keys()
-    for key, value in fast.items():
-        expected = state[key].index_select(0, swap) if state[key].dim() else state[key]
-        torch.testing.assert_close(value, expected, rtol=0, atol=0)
-        if key in model.sentence_keys:
-            assert value is state[key]
-    across = model.reorder_state(state, torch.tensor([2, 3, 0, 1, 4, 5, 6, 7]))  # rows change sentence: not promised
-    assert all(across[key] is not state[key] for key in model.sentence_keys & across.keys())
-
+    swapped = model.reorder_state(shared, swap)
+    for key, value in swapped.items():
+        if key in model.sentence_keys or not value.dim():
+            assert value is shared[key]
+        else:
+            torch.testing.assert_close(value, shared[key].index_select(0, swap), rtol=0, atol=0)
+    leaving = model.reorder_state(shared, torch.tensor([2, 3, 6, 7]), torch.tensor([1, 3]))  # sentences 0, 2 leave
+    for key in model.sentence_keys & leaving.keys():
+        torch.testing.assert_close(leaving[key], shared[key][[1, 3]], rtol=0, atol=0)
 
 
 def test_concatenated_sinusoids_are_marians_table_and_the_default_is_unchanged() -> None:

@@ -49,7 +49,7 @@ class ToyModel:
 
     def init_state(self, memory: Tensor, src_mask: Tensor) -> dict[str, Tensor]:
         sentence = torch.arange(memory.size(0), device=memory.device)
-        return {"key": memory, "prefix": torch.zeros_like(memory), "sentence": sentence}
+        return {"key": memory, "prefix": torch.zeros_like(memory), "sentence": sentence, "ids": sentence}
 
     def step(self, tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         self.steps += 1
@@ -57,14 +57,17 @@ class ToyModel:
         row = (state["key"] * 31 + prefix) % self.rows
         return self.logits[row].log_softmax(1), {**state, "prefix": prefix}
 
-    def reorder_state(self, state: dict[str, Tensor], index: Tensor,
-                      within_sentences: bool = False) -> dict[str, Tensor]:
-        """Checks the search's promise: `within_sentences` only when every row stays with its own sentence."""
+    def reorder_state(self, state: dict[str, Tensor], rows: Tensor,
+                      sentences: Tensor | None = None) -> dict[str, Tensor]:
+        """Checks the search's promise: a sentence's rows side by side, as many for each, in the order of
+        the per-sentence entries ("ids"), which only `sentences` renumbers."""
         self.reorders += 1
-        if within_sentences:
-            assert torch.equal(state["sentence"][index], state["sentence"])
-            self.within += 1
-        return {name: value[index] for name, value in state.items()}
+        ids = state["ids"] if sentences is None else state["ids"][sentences]
+        new = {name: value[rows] for name, value in state.items() if name != "ids"}
+        assert len(rows) % len(ids) == 0
+        assert torch.equal(new["sentence"].view(len(ids), -1), ids[:, None].expand(-1, len(rows) // len(ids)))
+        self.within += sentences is None
+        return {**new, "ids": ids}
 
     def finish_immediately(self, src: list[int]) -> None:
         """Make EOS almost certain as the first output token for this source sentence."""
@@ -98,8 +101,8 @@ class ScriptedModel:
             rows.append((weights / weights.sum()).log().float())
         return torch.stack(rows).to(prefix.device), prefix  # computed on the CPU: the same on every device
 
-    def reorder_state(self, state: Tensor, index: Tensor, within_sentences: bool = False) -> Tensor:
-        return state[index]
+    def reorder_state(self, state: Tensor, rows: Tensor, sentences: Tensor | None = None) -> Tensor:
+        return state[rows]
 
 
 def batch_of(sentences: list[list[int]], extra_pad: int = 0, device: str = "cpu") -> tuple[Tensor, Tensor]:
@@ -358,7 +361,7 @@ def test_beam_reorders_state_once_per_step(device: str) -> None:
     src, mask = batch_of(random_sentences(6, 12, seed=14), device=device)
     beam_search(model, src, mask, DecodeConfig(beam=4, nbest=2, max_len_a=1.0, max_len_b=3))
     assert 0 < model.reorders <= model.steps <= 9
-    assert 0 < model.within < model.reorders  # back-pointer steps skip the per-sentence copies; the first expands
+    assert 0 < model.within < model.reorders  # back-pointer steps keep the sentences; some leave
 
 
 def test_sampling_seeded_and_truncated(device: str) -> None:

@@ -25,18 +25,17 @@ CONFIGS = [
 
 
 class CountingModel(ToyModel):
-    """Records the step of every reorder that moves rows out of their sentences (sentences leaving),
-    after the first step (where beam search grows each sentence from one beam to `beam`)."""
+    """Records the step of every reorder where sentences leave."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.leaving_steps: list[int] = []
 
-    def reorder_state(self, state: dict[str, Tensor], index: Tensor,
-                      within_sentences: bool = False) -> dict[str, Tensor]:
-        if not within_sentences and self.steps > 1:
+    def reorder_state(self, state: dict[str, Tensor], rows: Tensor,
+                      sentences: Tensor | None = None) -> dict[str, Tensor]:
+        if sentences is not None:
             self.leaving_steps.append(self.steps)
-        return super().reorder_state(state, index, within_sentences)
+        return super().reorder_state(state, rows, sentences)
 
 
 def run(config: DecodeConfig, sync_every: int, device: str) -> tuple[list[Any], list[int]]:

@@ -45,17 +45,19 @@ class Seq2Seq(nn.Module):
         """Trainable parameters, each shared tensor counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def reorder_state(self, state: State, index: Tensor, within_sentences: bool = False) -> State:
-        """Gather every batch-first tensor of the state along dim 0 (beam expansion, back-pointers, pruning).
+    def reorder_state(self, state: State, rows: Tensor, sentences: Tensor | None = None) -> State:
+        """Gather the state's batch-first tensors along dim 0 (beam expansion, back-pointers, pruning).
 
-        With `within_sentences` the search promises that rows move only among the beams of
-        their own sentence (beam back-pointers, no sentence added or removed); then the
-        per-sentence entries (`sentence_keys`: encoder output, cross-attention keys/values)
-        are already right and are not copied, which saves most of the state traffic of a beam step.
+        The per-sentence entries (`sentence_keys`: encoder output, cross-attention keys/values, source
+        mask) hold one row per sentence, shared by all of its beams: they move only when the sentences
+        change (`sentences`: the old index of each new sentence; None keeps them as they are), so a beam
+        step never copies them. Every other entry holds one row per hypothesis: `rows` gives the old row
+        of each new one. A sentence's rows stay side by side, the same number for every sentence, in the
+        order of its sentence entries (what `step` needs to match each row with its sentence).
         """
         return {
-            key: (value if not value.dim() or (within_sentences and key in self.sentence_keys)
-                  else value.index_select(0, index))
+            key: (value if not value.dim() or (key in self.sentence_keys and sentences is None)
+                  else value.index_select(0, sentences if key in self.sentence_keys else rows))
             for key, value in state.items()
         }
 

@@ -167,9 +167,15 @@ class RNNSeq2Seq(Seq2Seq):
         return torch_hidden(tuple(state[f"hidden.{i}"].transpose(0, 1).contiguous() for i in range(self.parts)))
 
     def _attend(self, outputs: Tensor, state: State) -> tuple[Tensor, Tensor]:
-        """Decoder outputs (B, T, C) -> attentional vectors (B, T, E) and attention weights (B, T, S)."""
-        keys = state.get("keys", state["memory"])
-        context, weights = self.attention(outputs, keys, state["memory"], state["src_mask"])
+        """Decoder outputs (R, T, C) -> attentional vectors (R, T, E) and attention weights (R, T, S).
+
+        The memory has one row per sentence (N); R / N rows of a sentence (its beams, side by side)
+        attend as further query positions of that sentence, so the memory is never copied per beam."""
+        keys, memory = state.get("keys", state["memory"]), state["memory"]
+        rows, steps = outputs.shape[:2]
+        grouped = outputs.reshape(memory.size(0), -1, outputs.size(2))  # (N, R/N * T, C)
+        context, weights = self.attention(grouped, keys, memory, state["src_mask"])
+        context, weights = context.view(rows, steps, -1), weights.view(rows, steps, -1)
         vectors = torch.tanh(self.combine(torch.cat([context, outputs], dim=-1)))
         return self.dropout(vectors), weights
 

@@ -5,11 +5,12 @@ the installed torch are used. Incremental decoding keeps the self-attention
 keys/values of every decoder layer in one preallocated tensor (room for `GROW`
 more tokens at a time, written in place: a step copies nothing it already has)
 and the cross-attention keys/values of the source (one tensor for all layers,
-computed once in `init_state`); every state tensor has the batch first, so
-`reorder_state` (a beam's back-pointers) is one `index_select` per tensor. At
-d_model 256 a decoding step is bound by the number of operators it dispatches,
-not by arithmetic, so the step path (`Transformer.step`) is written for one
-token: no head permutes, no dropout calls in eval mode, masks built once.
+computed once in `init_state`, one row per sentence that all its beams share).
+Every state tensor has the batch first, so `reorder_state` (a beam's back-pointers)
+is one `index_select` per tensor of hypotheses. At d_model 256 a decoding step is
+bound by the number of operators it dispatches, not by arithmetic, so the step
+path (`Transformer.step`) is written for one token: no head permutes, no dropout
+calls in eval mode, masks built once.
 """
 
 from __future__ import annotations
@@ -105,9 +106,16 @@ class CrossAttention(nn.Module):
 
     def step(self, x: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """One new token x (B, D); keys and values (B, H, S, Dh) -> (B, D) and weights (B, H, 1, S) if asked."""
-        out, weights = self.attend(self.q(x).view(x.size(0), self.heads, 1, -1), keys, values, mask, need_weights)
-        return self.out(out.reshape(x.shape)), weights
+        """One new token per row, x (R, D), for N sentences of R / N rows each (a sentence's beams, side by
+        side); keys and values (N, H, S, Dh), shared by a sentence's rows -> (R, D) and weights (R, H, 1, S)
+        if asked. A sentence's beams attend as the query positions of one attention call, as CTranslate2
+        does: its source keys/values are neither copied per beam nor read once per beam."""
+        sentences, rows = keys.size(0), x.size(0)
+        q = self.q(x).view(sentences, rows // sentences, self.heads, -1).transpose(1, 2)  # (N, H, R/N, Dh)
+        out, weights = self.attend(q, keys, values, mask, need_weights)
+        if weights is not None:
+            weights = weights.transpose(1, 2).reshape(rows, self.heads, 1, -1)
+        return self.out(out.transpose(1, 2).reshape(x.shape)), weights
 
     def attend(self, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor,
                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -187,8 +195,9 @@ class DecoderLayer(nn.Module):
 
     def step(self, x: Tensor, slot: Tensor, self_kv: Sequence[Tensor], cross_kv: Sequence[Tensor], mask: Tensor,
              need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """One new token x (B, D) (see `SelfAttention.step`); self_kv and cross_kv are (keys, values) of the
-        layer, each (B, H, t+1 or S, Dh) -> (B, D) and the cross-attention weights if asked."""
+        """One new token x (R, D) (see `SelfAttention.step`); self_kv and cross_kv are (keys, values) of the
+        layer, (R, H, t+1, Dh) per row and (N, H, S, Dh) per sentence -> (R, D) and the cross-attention
+        weights if asked."""
         x = self.res_self.add(x, self.self_attn.step(self.res_self.inp(x), slot, *self_kv))
         out, weights = self.cross_attn.step(self.res_cross.inp(x), *cross_kv, mask, need_weights)
         x = self.res_cross.add(x, out)
@@ -307,8 +316,9 @@ class Transformer(Seq2Seq):
         """The decoder's state before its first token.
 
         "cross_kv": the cross-attention keys/values of every layer (B, L, 2, H, S, Dh), computed once;
-        "mask": the source mask as attention takes it (B, 1, 1, S); "self_kv": the self-attention cache
-        (B, L, 2, H, C, Dh) with room for C tokens; "length": how many it holds (a 0-dim tensor on the CPU,
+        "mask": the source mask as attention takes it (B, 1, 1, S) (these two keep one row per sentence
+        when the search gives a sentence several rows, see `reorder_state`); "self_kv": the self-attention
+        cache (B, L, 2, H, C, Dh) with room for C tokens; "length": how many it holds (a 0-dim tensor on the CPU,
         so reading it never waits for a device). With `keep_attention`, each step stores its cross-attention
         weights (averaged over heads) under "attention", (B, L, S); with `keep_heads` too, each head's under
         "attention_heads", (B, L, H, S).

@@ -59,9 +59,9 @@ class NoCacheDecoder:
         logits = m.output(m.decoder_norm(x[:, -1]))
         return torch.log_softmax(logits.float(), dim=-1), {**state, "prefix": prefix}
 
-    def reorder_state(self, state: dict[str, torch.Tensor], index: torch.Tensor,
-                      within_sentences: bool = False) -> dict[str, torch.Tensor]:
-        return {key: value.index_select(0, index) for key, value in state.items()}
+    def reorder_state(self, state: dict[str, torch.Tensor], rows: torch.Tensor,
+                      sentences: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {key: value.index_select(0, rows) for key, value in state.items()}  # every entry is per row here
 
 
 def run(translator: Translator, model: Any, sources: list[list[int]], beam: int, latency_count: int,

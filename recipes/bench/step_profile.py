@@ -65,8 +65,8 @@ class CountedModel:
         finally:
             self.counter.inside_step = False
 
-    def reorder_state(self, state: Any, index: torch.Tensor, within_sentences: bool = False) -> Any:
-        return self.model.reorder_state(state, index, within_sentences)
+    def reorder_state(self, state: Any, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> Any:
+        return self.model.reorder_state(state, rows, sentences)
 
 
 def fixed_length(decode: DecodeConfig, steps: int, **options: Any) -> DecodeConfig:
