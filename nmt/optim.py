@@ -168,7 +168,7 @@ DECAYS = {  # budget-aware shapes: the share of (lr - min_lr) left at `progress`
     "cosine": lambda progress, _: 0.5 * (1.0 + math.cos(math.pi * progress)),
     "wsd": _wsd,
 }
-BUDGETED_DEFAULT = "linear"  # what scheduler "auto" picks for a bounded run (README: "The schedule")
+BUDGETED_DEFAULT = "wsd"  # what scheduler "auto" picks for a bounded run (measured: README, "The schedule")
 
 
 def resolve_scheduler(name: str, budget: Budget, warmup: int) -> tuple[str, str]:

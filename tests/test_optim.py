@@ -132,8 +132,8 @@ def test_budget_is_the_nearest_limit() -> None:
 
 
 @pytest.mark.parametrize(("config", "expected"), [
-    (TrainConfig(max_updates=100), "linear"),
-    (TrainConfig(max_minutes=1.0, warmup=0), "linear"),
+    (TrainConfig(max_updates=100), "wsd"),
+    (TrainConfig(max_minutes=1.0, warmup=0), "wsd"),
     (TrainConfig(), "inverse_sqrt"),
     (TrainConfig(warmup=0), "plateau"),
     (TrainConfig(scheduler="noam", max_updates=100), "noam"),

@@ -81,6 +81,6 @@ def test_the_trainer_sizes_a_transformer_and_keeps_explicit_values(toy_data: Pat
     chosen = {choice.option: choice.value for choice in trainer.choices}
     assert trainer.config.model.d_model == 32 and "model.d_model" not in chosen  # explicit wins
     assert trainer.config.model.ffn_dim == chosen["model.ffn_dim"] == 512  # a toy corpus: the smallest shape
-    assert trainer.config.train.warmup == 100 and trainer.step.schedule.name == "linear"
+    assert trainer.config.train.warmup == 100 and trainer.step.schedule.name == "wsd"
     assert trainer.model.decoder[0].res_ffn.dropout.p == chosen["model.dropout"]  # the model is built with it
     assert Trainer(make_config(toy_data, tmp_path / "plain", "train.max_updates=3")).choices == []
