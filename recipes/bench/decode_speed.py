@@ -31,7 +31,7 @@ from nmt.evaluate import corpus_scores
 from nmt.models import Seq2Seq
 from nmt.models.transformer import Transformer
 from nmt.precision import cpu_has_native_bf16
-from nmt.translate import Translator, translate_ids
+from nmt.translate import BATCH_TOKENS, Translator, translate_ids
 
 
 class NoCacheDecoder:
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--ref", type=Path, required=True)
     parser.add_argument("--precisions", default="fp32,bf16,int8,auto", help="auto: what precision=auto picks here")
     parser.add_argument("--latency-sentences", type=int, default=50)
-    parser.add_argument("--batch-tokens", type=int, default=6000)
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("work/bench/decode_speed.json"))
     args = parser.parse_args()

@@ -20,6 +20,7 @@ from typing import Any
 from common import machine, print_table, write_json
 from decode_speed import measure_model
 from nmt.device import tune_cpu
+from nmt.translate import BATCH_TOKENS
 from train_speed import MODELS, measure_all
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--latency-sentences", type=int, default=50)
-    parser.add_argument("--batch-tokens", type=int, default=6000)
+    parser.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     parser.add_argument("--out", type=Path, default=Path("work/bench/multi30k.json"))
     args = parser.parse_args()
