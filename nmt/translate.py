@@ -25,6 +25,7 @@ from nmt.data import encode_source, pad_sources
 from nmt.device import autocast, resolve_device
 from nmt.errors import NmtError
 from nmt.io import chunks
+from nmt.kernels import choose_output_kernel
 from nmt.models import Seq2Seq, build_model
 from nmt.precision import Precision, Workload, check_precision, choose_precision
 from nmt.search import Hypothesis, check_options, search
@@ -87,7 +88,9 @@ class Translator:
 
     def __init__(self, checkpoint: Checkpoint, *, decode: DecodeConfig | None = None, device: str = "auto",
                  precision: str = "auto", quantize: str = "none", batch_tokens: int = BATCH_TOKENS,
-                 buffer_lines: int = BUFFER_LINES) -> None:
+                 buffer_lines: int = BUFFER_LINES, output_kernel: str = "auto") -> None:
+        """`output_kernel`: "auto" times the output layer's products on the CPU in fp32 (nmt.kernels); "default"
+        or "onednn" set it."""
         if quantize not in QUANTIZATIONS:
             raise NmtError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
         if batch_tokens < 1 or buffer_lines < 1:
@@ -115,6 +118,8 @@ class Translator:
                                                            decode_workloads(model, config.src_vocab_size, self.decode),
                                                            f"translate|{config}|{self.decode.beam}"))
         self.amp_dtype = self.precision.dtype
+        fp32_cpu = self.device.type == "cpu" and quantize == "none" and self.amp_dtype is None
+        self.output_kernel = choose_output_kernel(self.model, output_kernel if fp32_cpu else "default")
         self.src_tokenizer = checkpoint.src_tokenizer
         self.tgt_tokenizer = checkpoint.tgt_tokenizer
         self.max_source_tokens: int | None = getattr(self.model, "max_positions", None)  # EOS included

@@ -40,6 +40,8 @@ class Seq2Seq(nn.Module):
     max_positions: int | None = None
     # State entries computed from the encoder output alone: equal for every beam of a sentence.
     sentence_keys: frozenset[str] = frozenset()
+    # State entries that are scratch space for the next `reorder_state`, not part of what the state holds.
+    buffer_keys: frozenset[str] = frozenset()
 
     def num_parameters(self) -> int:
         """Trainable parameters, each shared tensor counted once."""
