@@ -2,18 +2,22 @@
 
     python recipes/bench/step_profile.py --model work/quickstart/transformer/averaged.pt   # counts only
     python recipes/bench/step_profile.py --model ... --time                               # and ms per step
+    python recipes/bench/step_profile.py --model ... --time --ctranslate2   # and raw CTranslate2's, same batches
 
 At d_model 256 a step is bound by per-operator overhead, not arithmetic, so the number of aten operators a
 step dispatches is the measure that does not drift with the machine's load. Every sentence is made to run
 exactly `steps` steps (min_len = max_len), and a step's cost is the difference between a search of
 2 x `steps` and one of `steps` steps, divided by `steps`: encoding and the final sort cancel out. Operators
 are split into those of the model's `step` (the decoder) and the rest (the search's bookkeeping, state
-reordering included).
+reordering included). With `--ctranslate2` the checkpoint is exported and raw CTranslate2's
+`translate_batch` is timed the same way on the same batches (min = max decoding length, 2 threads): where the
+two differ per step, and not in how many steps they take.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections import Counter
 from dataclasses import replace
@@ -26,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from common import print_table
 from nmt.config import DecodeConfig
 from nmt.device import tune_cpu
+from nmt.export import ExportedModel, export_checkpoint, pieces
 from nmt.search import search
 from nmt.translate import Translator
 
@@ -107,9 +112,26 @@ def ms_per_step(model: torch.nn.Module, src: torch.Tensor, mask: torch.Tensor, d
     return 1000 * (best[1] - best[0]) / steps
 
 
+def ctranslate2_ms_per_step(engine: Any, tokens: list[list[str]], beam: int, steps: int, repeats: int = 3) -> float:
+    """Raw CTranslate2's milliseconds per step on the same sentences, every output `steps` or 2 x `steps` long."""
+    best = []
+    for total in (steps, 2 * steps):
+        options = {"beam_size": beam, "max_batch_size": len(tokens), "min_decoding_length": total,
+                   "max_decoding_length": total, "max_input_length": 0}
+        engine.translate_batch(tokens, **options)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.translate_batch(tokens, **options)
+            times.append(time.perf_counter() - start)
+        best.append(min(times))
+    return 1000 * (best[1] - best[0]) / steps
+
+
 def profile(model: torch.nn.Module, vocab: int, decode: DecodeConfig, timed: bool, steps: int = 12,
-            source_length: int = 16) -> list[dict[str, Any]]:
-    """One row per search and batch size (sentences; beam 5 searches five rows per sentence)."""
+            source_length: int = 16, ctranslate2: tuple[Any, list[str]] | None = None) -> list[dict[str, Any]]:
+    """One row per search and batch size (sentences; beam 5 searches five rows per sentence); `ctranslate2`,
+    an engine and the source pieces by id, adds its time per step."""
     rows = []
     for name, options in SEARCHES.items():
         for sentences in BATCHES:
@@ -121,6 +143,10 @@ def profile(model: torch.nn.Module, vocab: int, decode: DecodeConfig, timed: boo
                                        "model ops": ops["model"], "search ops": ops["search"]}
                 if timed:
                     row["ms/step"] = ms_per_step(model, src, mask, run, steps)
+                if timed and ctranslate2:
+                    engine, pieces = ctranslate2
+                    tokens = [[pieces[i] for i in sentence] for sentence in src.tolist()]
+                    row["CTranslate2 ms/step"] = ctranslate2_ms_per_step(engine, tokens, run.beam, steps)
             rows.append(row)
     return rows
 
@@ -130,11 +156,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--time", action="store_true", help="also time the steps (load-sensitive)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--ctranslate2", action="store_true", help="with --time: raw CTranslate2 beside nmt")
     args = parser.parse_args()
-    tune_cpu(args.threads)
+    threads = tune_cpu(args.threads)
     translator = Translator.from_checkpoint(args.model, device="cpu", precision="fp32")
-    rows = profile(translator.model, translator.checkpoint.config.model.src_vocab_size, translator.decode, args.time)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = None
+        if args.ctranslate2:
+            import ctranslate2
+
+            folder = export_checkpoint(args.model, Path(tmp) / "ct2")
+            engine = (ctranslate2.Translator(str(folder), device="cpu", compute_type="float32", intra_threads=threads),
+                      pieces(ExportedModel(folder).src_tokenizer))
+        rows = profile(translator.model, translator.checkpoint.config.model.src_vocab_size, translator.decode,
+                       args.time, ctranslate2=engine)
     columns = ["search", "sentences", "ops/step", "model ops", "search ops"] + (["ms/step"] if args.time else [])
+    columns += ["CTranslate2 ms/step"] if args.time and args.ctranslate2 else []
     print_table("One decoding step (12-step difference, source length 16)", rows, columns)
 
 
