@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -308,8 +308,9 @@ def _stored_config(run_dir: Path) -> Config:
     return load_checkpoint(path).config
 
 
-def validate(config: Config) -> None:
-    """Check every training option once, before any work; one NmtError line names the first bad one."""
+def validate(config: Config, sized: Collection[str] = ()) -> None:
+    """Check every training option once, before any work; one NmtError line names the first bad one.
+    `sized`: options ("section.key") the run will still choose, checked once chosen, not now."""
     train = config.train
     if not train.data:
         raise NmtError("no training data: set train.data (nmt train --data DIR) "
@@ -338,7 +339,8 @@ def validate(config: Config) -> None:
         if not (train.max_updates or train.max_epochs or train.max_minutes):
             raise NmtError(f"scheduler {train.scheduler} decays to the end of the run's budget: set train.max_updates, "
                            "max_epochs or max_minutes")
-        if train.max_updates and not (train.max_epochs or train.max_minutes) and train.max_updates <= train.warmup:
+        only_updates = train.max_updates and not (train.max_epochs or train.max_minutes)
+        if only_updates and "train.warmup" not in sized and train.max_updates <= train.warmup:
             raise NmtError(f"scheduler {train.scheduler} needs train.max_updates (where the decay ends) "
                            "above train.warmup")
     if not 0 < train.decay_fraction <= 1:

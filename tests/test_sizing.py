@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from nmt.config import Config, explicit_options
+from nmt.errors import NmtError
 from nmt.train import Trainer
 from nmt.train.sizing import SIZED_OPTIONS, choose_schedule_and_regularisation, choose_shape
 from tests.test_train import make_config
@@ -84,3 +85,16 @@ def test_the_trainer_sizes_a_transformer_and_keeps_explicit_values(toy_data: Pat
     assert trainer.config.train.warmup == 100 and trainer.step.schedule.name == "wsd"
     assert trainer.model.decoder[0].res_ffn.dropout.p == chosen["model.dropout"]  # the model is built with it
     assert Trainer(make_config(toy_data, tmp_path / "plain", "train.max_updates=3")).choices == []
+
+
+def test_an_explicit_budgeted_schedule_waits_for_the_sized_warmup(toy_data: Path, tmp_path: Path) -> None:
+    """`--set train.scheduler=wsd --set train.max_updates=300` is checked against the warm-up sizing chooses (100),
+    not the default one (4,000) it replaces; a warm-up that nothing sizes (the LSTM) is still checked."""
+    config = make_config(toy_data, tmp_path / "run", "train.scheduler=wsd", "train.max_updates=300")
+    config.train.warmup = 4000  # the library default, which sizing replaces
+    trainer = Trainer(config, choose=FREE)
+    assert trainer.config.train.warmup == 100 and trainer.step.schedule.name == "wsd"
+    lstm = make_config(toy_data, tmp_path / "lstm", "train.scheduler=wsd", "train.max_updates=300", "model.arch=rnn")
+    lstm.train.warmup = 4000
+    with pytest.raises(NmtError, match="needs train.max_updates .* above train.warmup"):
+        Trainer(lstm, choose=FREE)

@@ -48,7 +48,7 @@ class Trainer:
                  reset: tuple[str, ...] = (), choose: Collection[str] = ()) -> None:
         """`choose`: the options (nmt.train.sizing.SIZED_OPTIONS) this run may size to its data and budget,
         those not given explicitly; a resumed run keeps its stored ones."""
-        validate(config)
+        validate(config, sized=() if resume else choose)
         check_reset(reset, resume)
         self.config = copy.deepcopy(config)
         self.cfg = cfg = self.config.train
@@ -74,6 +74,8 @@ class Trainer:
         updates_per_epoch = -(-len(self.sampler.batches(1)) // cfg.accum_steps)
         if free:
             self._size_to_budget(free, updates_per_epoch, batch)
+        else:
+            validate(self.config)  # what the first check left to sizing, where nothing was sized
         if self.start is not None:  # after sizing, which rebuilds the model
             self.model.load_state_dict(self.start.model_state)
         self.step = UpdateStep(self.model, self.train_split, self.config, self.dist, self.device, self.amp_dtype,
