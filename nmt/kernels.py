@@ -78,17 +78,17 @@ def onednn_is_faster(output: nn.Module | None) -> bool:
         return False
     if output.weight.device.type != "cpu" or output.weight.dtype != torch.float32:
         return False
+
+    def default(x: Tensor) -> Tensor:
+        return project(output, x)
+
+    def onednn(x: Tensor) -> Tensor:
+        return project(output, x, "onednn")
+
     generator = torch.Generator().manual_seed(0)
     for rows in TIMED_ROWS:
         x = torch.randn(rows, output.in_features, generator=generator)
         calls = max(1, 64 // rows)  # about 10 ms per round at 8,000 x 256
-
-        def default(x: Tensor) -> Tensor:
-            return project(output, x)
-
-        def onednn(x: Tensor) -> Tensor:
-            return project(output, x, "onednn")
-
         if best_seconds(default, x, calls) < ONEDNN_MIN_SPEEDUP * best_seconds(onednn, x, calls):
             return False
     return True

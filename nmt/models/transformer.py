@@ -9,10 +9,10 @@ place: a step copies nothing it already has) and the cross-attention keys/values
 of the source (one tensor for all layers, computed once in `init_state`, one row
 per sentence that all its beams share). Every state tensor has the batch first, so
 `reorder_state` (a beam's back-pointers) is one `index_select` per tensor of
-hypotheses, the cache's into the buffer the cache before last held. At d_model 256 a decoding step is
-bound by the number of operators it dispatches, not by arithmetic, so the step
-path (`Transformer.step`) is written for one token: no head permutes, no dropout
-calls in eval mode, masks built once.
+hypotheses, the cache's into the buffer the cache before last held. At d_model
+256 a decoding step is bound by the number of operators it dispatches, not by
+arithmetic, so the step path (`Transformer.step`) is written for one token: no
+head permutes, no dropout calls in eval mode, masks built once.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ class CrossAttention(nn.Module):
         sentences, rows = keys.size(0), x.size(0)
         q = self.q(x).view(sentences, rows // sentences, self.heads, -1).transpose(1, 2)  # (N, H, R/N, Dh)
         if rows > sentences and not need_weights:
-            return self.out(beam_attention(q, keys, values, mask).transpose(1, 2).reshape(x.shape)), None
-        out, weights = self.attend(q, keys, values, mask, need_weights)
+            out, weights = beam_attention(q, keys, values, mask), None
+        else:
+            out, weights = self.attend(q, keys, values, mask, need_weights)
         if weights is not None:
             weights = weights.transpose(1, 2).reshape(rows, self.heads, 1, -1)
         return self.out(out.transpose(1, 2).reshape(x.shape)), weights
@@ -366,8 +367,9 @@ class Transformer(Seq2Seq):
         cache, spare = state["self_kv"], state.get("spare_kv")
         rest = {key: value for key, value in state.items() if key != "self_kv" and key not in self.buffer_keys}
         new = super().reorder_state(rest, rows, sentences)
-        fits = spare is not None and spare.shape[1:] == cache.shape[1:] and spare.size(0) >= len(rows)
-        if not fits or spare.dtype != cache.dtype:
+        fits = (spare is not None and spare.shape[1:] == cache.shape[1:] and spare.size(0) >= len(rows)
+                and spare.dtype == cache.dtype)
+        if not fits:
             spare = cache.new_empty(len(rows), *cache.shape[1:])
         new["self_kv"] = torch.index_select(cache, 0, rows, out=spare[:len(rows)])
         new["spare_kv"] = cache

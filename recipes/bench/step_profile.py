@@ -20,6 +20,7 @@ import argparse
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,36 +97,34 @@ def operators_per_step(model: torch.nn.Module, src: torch.Tensor, mask: torch.Te
     return {part: (counts[1][part] - counts[0][part]) / steps for part in ("model", "search")}
 
 
-def ms_per_step(model: torch.nn.Module, src: torch.Tensor, mask: torch.Tensor, decode: DecodeConfig, steps: int,
-                repeats: int = 3) -> float:
-    """Milliseconds per step, each search length the best of `repeats`."""
+def best_ms_per_step(run: Callable[[int], object], steps: int, repeats: int = 3) -> float:
+    """Milliseconds per step of `run(total)`, a search whose outputs are all `total` tokens long: the
+    difference between 2 x `steps` and `steps`, each the best of `repeats` after an untimed one."""
     best = []
     for total in (steps, 2 * steps):
-        config = fixed_length(decode, total)
-        search(model, src, mask, config)
+        run(total)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            search(model, src, mask, config)
+            run(total)
             times.append(time.perf_counter() - start)
         best.append(min(times))
     return 1000 * (best[1] - best[0]) / steps
 
 
-def ctranslate2_ms_per_step(engine: Any, tokens: list[list[str]], beam: int, steps: int, repeats: int = 3) -> float:
-    """Raw CTranslate2's milliseconds per step on the same sentences, every output `steps` or 2 x `steps` long."""
-    best = []
-    for total in (steps, 2 * steps):
-        options = {"beam_size": beam, "max_batch_size": len(tokens), "min_decoding_length": total,
-                   "max_decoding_length": total, "max_input_length": 0}
-        engine.translate_batch(tokens, **options)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.translate_batch(tokens, **options)
-            times.append(time.perf_counter() - start)
-        best.append(min(times))
-    return 1000 * (best[1] - best[0]) / steps
+def ms_per_step(model: torch.nn.Module, src: torch.Tensor, mask: torch.Tensor, decode: DecodeConfig,
+                steps: int) -> float:
+    """nmt's milliseconds per step."""
+    return best_ms_per_step(lambda total: search(model, src, mask, fixed_length(decode, total)), steps)
+
+
+def ctranslate2_ms_per_step(engine: Any, tokens: list[list[str]], beam: int, steps: int) -> float:
+    """Raw CTranslate2's milliseconds per step on the same sentences."""
+    def run(total: int) -> object:
+        return engine.translate_batch(tokens, beam_size=beam, max_batch_size=len(tokens), min_decoding_length=total,
+                                      max_decoding_length=total, max_input_length=0)
+
+    return best_ms_per_step(run, steps)
 
 
 def profile(model: torch.nn.Module, vocab: int, decode: DecodeConfig, timed: bool, steps: int = 12,
@@ -144,8 +143,8 @@ def profile(model: torch.nn.Module, vocab: int, decode: DecodeConfig, timed: boo
                 if timed:
                     row["ms/step"] = ms_per_step(model, src, mask, run, steps)
                 if timed and ctranslate2:
-                    engine, pieces = ctranslate2
-                    tokens = [[pieces[i] for i in sentence] for sentence in src.tolist()]
+                    engine, src_pieces = ctranslate2
+                    tokens = [[src_pieces[i] for i in sentence] for sentence in src.tolist()]
                     row["CTranslate2 ms/step"] = ctranslate2_ms_per_step(engine, tokens, run.beam, steps)
             rows.append(row)
     return rows
