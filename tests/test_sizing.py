@@ -32,7 +32,8 @@ def test_shape_follows_the_corpus_size(pairs: int, d_model: int, ffn_dim: int, m
 
 
 @pytest.mark.parametrize(("updates", "dropout", "smoothing", "token_dropout", "warmup", "valid_every"), [
-    (100, 0.1, 0.1, 0.0, 100, 100),  # 10 epochs: little regularisation; warm-up and validation at their floors
+    (100, 0.1, 0.1, 0.0, 50, 100),  # 10 epochs: little regularisation; warm-up half the run, validation at its floor
+    (300, 0.1, 0.1, 0.0, 100, 100),  # 3 epochs: warm-up and validation at their floors
     (2_000, 0.2, 0.1, 0.05, 160, 250),  # 20 epochs
     (30_000, 0.3, 0.2, 0.1, 2400, 2000),  # 300 epochs; validation at its ceiling
 ])
@@ -82,7 +83,7 @@ def test_the_trainer_sizes_a_transformer_and_keeps_explicit_values(toy_data: Pat
     chosen = {choice.option: choice.value for choice in trainer.choices}
     assert trainer.config.model.d_model == 32 and "model.d_model" not in chosen  # explicit wins
     assert trainer.config.model.ffn_dim == chosen["model.ffn_dim"] == 512  # a toy corpus: the smallest shape
-    assert trainer.config.train.warmup == 100 and trainer.step.schedule.name == "wsd"
+    assert trainer.config.train.warmup == 1 and trainer.step.schedule.name == "wsd"  # half of 3 updates
     assert trainer.model.decoder[0].res_ffn.dropout.p == chosen["model.dropout"]  # the model is built with it
     assert Trainer(make_config(toy_data, tmp_path / "plain", "train.max_updates=3")).choices == []
 

@@ -96,13 +96,21 @@ def choose_schedule_and_regularisation(config: Config, pairs: int, free: Collect
     choices.append(Choice("train.label_smoothing", settings["label_smoothing"], why))
     for side in ("src", "tgt"):
         choices.append(Choice(f"train.{side}_token_dropout", settings["token_dropout"], why))
-    low, high = WARMUP_RANGE
-    choices.append(Choice("train.warmup", min(high, max(low, round(updates * WARMUP_SHARE))),
-                          f"{WARMUP_SHARE:.0%} of about {updates:,} updates"))
+    choices.append(warmup_choice(updates))
     low, high = VALID_EVERY_RANGE
     choices.append(Choice("train.valid_every", int(min(high, max(low, round(updates / VALIDATIONS, -1)))),
                           f"{VALIDATIONS} validations and checkpoints in about {updates:,} updates"))
     return apply(config, choices, free)
+
+
+def warmup_choice(updates: int) -> Choice:
+    """8% of the expected updates within WARMUP_RANGE, but never past half the budget: a run of 100 updates
+    that warmed up for 100 would never reach its peak rate, nor decay from it."""
+    low, high = WARMUP_RANGE
+    share = min(high, max(low, round(updates * WARMUP_SHARE)))
+    if share <= updates // 2:
+        return Choice("train.warmup", share, f"{WARMUP_SHARE:.0%} of about {updates:,} updates")
+    return Choice("train.warmup", max(1, updates // 2), f"half of about {updates:,} updates")
 
 
 def expected_updates(config: Config, updates_per_epoch: int,
