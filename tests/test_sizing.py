@@ -19,14 +19,16 @@ def never_timed() -> float:
     raise AssertionError("an update budget needs no timing")
 
 
-@pytest.mark.parametrize(("pairs", "d_model", "ffn_dim", "max_tokens"), [
-    (3_000, 256, 512, 2048), (11_999, 256, 512, 2048), (12_000, 256, 1024, 2048), (29_000, 256, 1024, 2048),
-    (150_000, 384, 1536, 4096), (2_000_000, 512, 2048, 4096),
+@pytest.mark.parametrize(("pairs", "d_model", "ffn_dim", "max_tokens", "lr"), [
+    (3_000, 256, 512, 1024, 1.4e-3), (11_999, 256, 512, 1024, 1.4e-3), (12_000, 256, 1024, 2048, 2e-3),
+    (29_000, 256, 1024, 2048, 2e-3), (80_000, 384, 1536, 2048, 1e-3), (150_000, 384, 1536, 4096, 1e-3),
+    (2_000_000, 512, 2048, 4096, 1e-3),
 ])
-def test_shape_follows_the_corpus_size(pairs: int, d_model: int, ffn_dim: int, max_tokens: int) -> None:
+def test_shape_follows_the_corpus_size(pairs: int, d_model: int, ffn_dim: int, max_tokens: int, lr: float) -> None:
     config = Config()
     choices = choose_shape(config, pairs, FREE)
     assert (config.model.d_model, config.model.ffn_dim, config.train.max_tokens) == (d_model, ffn_dim, max_tokens)
+    assert config.train.lr == lr
     assert config.model.d_model % config.model.heads == 0
     assert all(f"{pairs:,} training pairs" in c.reason for c in choices if c.option.startswith("model."))
 
